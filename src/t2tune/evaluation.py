@@ -1,0 +1,177 @@
+"""Validation without a trainer: greedy generation (the reference's method) or label scoring.
+
+generate: prompts sorted by length (less padding), left-padded batches, greedy decoding with
+          the KV cache through ``transformers``' ``generate``, stopping once every row has
+          produced EOS; then the task's postprocess (cut at EOS, strip, exact label match).
+score:    one forward pass per prompt scores every label's whole token sequence (label + EOS).
+          The prompt is computed once: each label's tokens are appended after it in the same
+          row, with a mask letting every label see the prompt and itself but not the others::
+
+              prompt  p p p p | l1 l1 e | l2 e | l3 l3 l3 e
+              l2 row sees     ✓ ✓ ✓ ✓ |  ✗  ✗ ✗ |  causal | ✗ ...
+
+          The label with the highest total log-likelihood wins; it is never invalid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from .data import public_fields
+from .encoding import encode_prompts
+from .metrics import compute_metrics
+from .tasks import Task
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, Any]
+    records: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def summary(self, task: Task, mode: str) -> dict[str, Any]:
+        """The flat summary line: headline numbers first, nested breakdowns left out."""
+        n = len(self.records)
+        flat = {k: v for k, v in self.metrics.items() if not isinstance(v, dict)}
+        return {"task": task.name, "n": n, **flat, "invalid": self.metrics.get("invalid", 0),
+                "examples_per_s": round(n / self.seconds, 3) if self.seconds else None, "mode": mode,
+                "seconds": round(self.seconds, 3)}
+
+
+def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _batches_by_length(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+
+
+@torch.no_grad()
+def generate_texts(model: Any, tokenizer: Any, prompt_ids: Sequence[list[int]], max_new_tokens: int,
+                   batch_size: int, precision: str = "fp32") -> list[str]:
+    """Greedy continuations (decoded, special tokens kept so EOS can be cut) in input order."""
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id
+    out: list[str] = [""] * len(prompt_ids)
+    for batch in _batches_by_length([len(p) for p in prompt_ids], batch_size):
+        width = max(len(prompt_ids[i]) for i in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, i in enumerate(batch):
+            n = len(prompt_ids[i])
+            ids[row, width - n:] = torch.tensor(prompt_ids[i])  # left padding
+            mask[row, width - n:] = 1
+        with _autocast(precision, device):
+            generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                                       max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                                       pad_token_id=pad_id, num_beams=1, temperature=None, top_p=None, top_k=None)
+        for row, i in enumerate(batch):
+            new = generated[row, width:].tolist()
+            if tokenizer.eos_token_id in new:  # drop the padding generate adds after EOS
+                new = new[:new.index(tokenizer.eos_token_id) + 1]
+            out[i] = tokenizer.decode(new, skip_special_tokens=False)
+    return out
+
+
+def label_token_ids(tokenizer: Any, labels: Sequence[str]) -> list[list[int]]:
+    """Each label as trained: a leading space, the label, EOS."""
+    ids = tokenizer([" " + lab for lab in labels], add_special_tokens=False)["input_ids"]
+    return [seq + [tokenizer.eos_token_id] for seq in ids]
+
+
+@torch.no_grad()
+def score_labels(model: Any, tokenizer: Any, prompt_ids: Sequence[list[int]], labels: Sequence[str],
+                 batch_size: int, precision: str = "fp32") -> list[list[float]]:
+    """Total log-likelihood of every label (with EOS) after every prompt, one forward per prompt."""
+    device = next(model.parameters()).device
+    conts = label_token_ids(tokenizer, labels)
+    extra = sum(len(c) for c in conts)
+    scores: list[list[float]] = [[] for _ in prompt_ids]
+    for batch in _batches_by_length([len(p) for p in prompt_ids], batch_size):
+        width = max(len(prompt_ids[i]) for i in batch) + extra
+        ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
+        pos = torch.zeros((len(batch), width), dtype=torch.long)
+        allow = torch.eye(width, dtype=torch.bool).repeat(len(batch), 1, 1)  # padding sees itself
+        where: list[list[tuple[int, list[int]]]] = []  # per row: (start, tokens) of each label
+        for row, i in enumerate(batch):
+            prompt = prompt_ids[i]
+            n = len(prompt)
+            ids[row, :n] = torch.tensor(prompt)
+            pos[row, :n] = torch.arange(n)
+            allow[row, :n, :n] = torch.ones(n, n, dtype=torch.bool).tril()
+            start, spans = n, []
+            for cont in conts:
+                k = len(cont)
+                ids[row, start:start + k] = torch.tensor(cont)
+                pos[row, start:start + k] = torch.arange(n, n + k)
+                allow[row, start:start + k, :n] = True
+                allow[row, start:start + k, start:start + k] = torch.ones(k, k, dtype=torch.bool).tril()
+                spans.append((start, cont))
+                start += k
+            where.append(spans)
+        dtype = next(model.parameters()).dtype if precision != "bf16" else torch.bfloat16
+        mask = torch.zeros(allow.shape, dtype=dtype).masked_fill(~allow, torch.finfo(dtype).min)[:, None]
+        with _autocast(precision, device):
+            logits = model(input_ids=ids.to(device), position_ids=pos.to(device), attention_mask=mask.to(device),
+                           use_cache=False).logits
+        logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
+        for row, i in enumerate(batch):
+            n = len(prompt_ids[i])
+            totals = []
+            for start, cont in where[row]:
+                # token j of the label is predicted at the position before it: the prompt's last
+                # token for j = 0, else the label's own token j - 1
+                before = [n - 1] + list(range(start, start + len(cont) - 1))
+                totals.append(float(sum(logprobs[row, p, t] for p, t in zip(before, cont))))
+            scores[i] = totals
+    return scores
+
+
+def evaluate(model: Any, tokenizer: Any, task: Task, rows: Sequence[dict[str, Any]], mode: str = "generate",
+             max_new_tokens: int = 5, batch_size: int = 32, seq_len: int = 512,
+             precision: str = "fp32", with_metrics: bool = True) -> EvalResult:
+    """Predict every row and (when rows have targets) compute the task's metrics."""
+    if mode == "score" and not task.is_label_task:
+        from .errors import ConfigError
+
+        raise ConfigError(f"eval.mode: score mode needs a label task; '{task.name}' has free-text answers, "
+                          "use --mode generate")
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    budget = seq_len - (max_new_tokens if mode == "generate" else sum(map(len, label_token_ids(
+        tokenizer, task.labels or ()))))
+    prompt_ids = encode_prompts(tokenizer, [task.prompt_text(r) for r in rows], max(1, budget))
+    records = []
+    if mode == "generate":
+        texts = generate_texts(model, tokenizer, prompt_ids, max_new_tokens, batch_size, precision)
+        for row, text in zip(rows, texts):
+            records.append({**public_fields(row), "generated": text,
+                            "prediction": task.postprocess(text, tokenizer.eos_token)})
+    else:
+        all_scores = score_labels(model, tokenizer, prompt_ids, task.labels, batch_size, precision)
+        for row, scores in zip(rows, all_scores):
+            best = max(range(len(scores)), key=scores.__getitem__)
+            records.append({**public_fields(row), "scores": dict(zip(task.labels, scores)),
+                            "prediction": task.labels[best]})
+    seconds = time.perf_counter() - start
+    model.train(was_training)
+    metrics: dict[str, Any] = {}
+    if with_metrics and rows and _has_targets(task, rows[0]):
+        refs = [task.references(r) for r in rows]
+        for record, ref in zip(records, refs):
+            record["label"] = ref[0] if len(ref) == 1 else ref
+        metrics = compute_metrics(task, [r["prediction"] for r in records], refs)
+    return EvalResult(metrics, records, seconds)
+
+
+def _has_targets(task: Task, row: dict[str, Any]) -> bool:
+    return all(f in row for f in task.target_fields) or "references" in row

@@ -1,0 +1,116 @@
+"""Metrics over (prediction, references) pairs: label metrics through scikit-learn, SQuAD exact
+match / F1, and entity-level precision / recall / F1 for NER-as-text."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any, Sequence
+
+from .tasks import INVALID, Task, normalize_answer, parse_entities
+
+
+def label_metrics(task: Task, predictions: Sequence[str], golds: Sequence[str]) -> dict[str, Any]:
+    """Accuracy (an invalid prediction counts as wrong), per-class precision/recall, confusion
+    matrix (rows: gold, columns: predicted, last column ``invalid``), F1 for binary tasks
+    (positive class = the second label, as GLUE's label 1), macro F1, and MCC when asked for."""
+    from sklearn.metrics import confusion_matrix, f1_score, matthews_corrcoef, precision_recall_fscore_support
+
+    labels = list(task.labels or ())
+    columns = labels + [INVALID]
+    n = len(golds)
+    out: dict[str, Any] = {
+        "accuracy": sum(p == g for p, g in zip(predictions, golds)) / n if n else 0.0,
+        "invalid": sum(p == INVALID for p in predictions),
+    }
+    if not n:
+        return out
+    precision, recall, _, support = precision_recall_fscore_support(
+        golds, predictions, labels=labels, zero_division=0)
+    out["per_class"] = {lab: {"precision": float(p), "recall": float(r), "support": int(s)}
+                        for lab, p, r, s in zip(labels, precision, recall, support)}
+    out["macro_f1"] = float(f1_score(golds, predictions, labels=labels, average="macro", zero_division=0))
+    if len(labels) == 2:
+        out["f1"] = float(f1_score(golds, predictions, labels=labels, pos_label=labels[1], average="binary",
+                                   zero_division=0))
+    if "mcc" in task.extra_metrics:
+        out["mcc"] = float(matthews_corrcoef(golds, predictions))
+    matrix = confusion_matrix(golds, predictions, labels=columns)
+    out["confusion"] = {"labels": columns, "matrix": matrix[:len(labels)].tolist()}
+    return out
+
+
+def squad_scores(prediction: str, references: Sequence[str]) -> tuple[float, float]:
+    """(exact match, token F1) of one prediction, each the max over references.
+
+    >>> squad_scores("the Denver Broncos", ["Denver Broncos", "Broncos"])
+    (1.0, 1.0)
+    >>> squad_scores("Broncos of Denver", ["Denver Broncos"])
+    (0.0, 0.8)
+    """
+    pred = normalize_answer(prediction)
+    best_em = best_f1 = 0.0
+    for ref in references:
+        gold = normalize_answer(ref)
+        best_em = max(best_em, float(pred == gold))
+        p_toks, g_toks = pred.split(), gold.split()
+        if not p_toks or not g_toks:
+            best_f1 = max(best_f1, float(p_toks == g_toks))
+            continue
+        common = sum((Counter(p_toks) & Counter(g_toks)).values())
+        if common:
+            precision, recall = common / len(p_toks), common / len(g_toks)
+            best_f1 = max(best_f1, 2 * precision * recall / (precision + recall))
+    return best_em, round(best_f1, 10)
+
+
+def squad_metrics(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, Any]:
+    scores = [squad_scores(p, r) for p, r in zip(predictions, references)]
+    n = max(1, len(scores))
+    return {"exact_match": sum(s[0] for s in scores) / n, "f1": sum(s[1] for s in scores) / n,
+            "empty": sum(not p.strip() for p in predictions)}
+
+
+def _prf(tp: int, n_pred: int, n_gold: int) -> dict[str, float]:
+    precision = tp / n_pred if n_pred else 0.0
+    recall = tp / n_gold if n_gold else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1}
+
+
+def entity_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict[str, Any]:
+    """Micro precision/recall/F1 over (type, span) pairs, matched as multisets per sentence;
+    malformed generations count as predicting no entities and are reported."""
+    tp: Counter = Counter()
+    n_pred: Counter = Counter()
+    n_gold: Counter = Counter()
+    malformed = 0
+    for pred_text, gold_text in zip(predictions, references):
+        pred = parse_entities(pred_text)
+        if pred is None:
+            malformed += 1
+            pred = []
+        gold = parse_entities(gold_text) or []
+        matched = Counter(pred) & Counter(gold)
+        for (kind, _), count in matched.items():
+            tp[kind] += count
+        for kind, _ in pred:
+            n_pred[kind] += 1
+        for kind, _ in gold:
+            n_gold[kind] += 1
+    out = _prf(sum(tp.values()), sum(n_pred.values()), sum(n_gold.values()))
+    out["per_type"] = {k: _prf(tp[k], n_pred[k], n_gold[k]) for k in sorted(set(n_gold) | set(n_pred))}
+    out["malformed"] = malformed
+    return out
+
+
+def compute_metrics(task: Task, predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, Any]:
+    if task.metric == "accuracy":
+        return label_metrics(task, predictions, [r[0] for r in references])
+    if task.metric == "squad":
+        return squad_metrics(predictions, references)
+    return entity_metrics(predictions, [r[0] for r in references])
+
+
+def headline(task: Task) -> str:
+    """The metric that decides the best step."""
+    return {"accuracy": "accuracy", "squad": "f1", "entities": "f1"}[task.metric]

@@ -1,0 +1,235 @@
+"""Tasks: how a data row becomes a prompt and a target, and how generated text becomes an answer.
+
+A training example is ``prompt + " " + target + EOS``; a validation prompt stops after the
+prompt (which ends with ``target:``). For MNLI and GPT-J this is byte for byte the reference:
+
+    >>> t = get_task("mnli")
+    >>> row = {"hypothesis": "H.", "premise": "P.", "label": "neutral"}
+    >>> t.train_text(row, eos="<|endoftext|>")
+    'mnli hypothesis: H. premise: P. target: neutral<|endoftext|>'
+
+Where a model's end-of-text token is not GPT-J's ``<|endoftext|>``, that model's own EOS text
+takes its place (SmolLM2-Instruct: ``<|im_end|>``), so generation stops where training taught it.
+
+Label tasks have ``labels``; free-text tasks (QA, NER as text) have none and compare generated
+text with references. Both share one path through data, packing, training and evaluation.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from .errors import ConfigError
+
+INVALID = "invalid"
+PLACEHOLDER = re.compile(r"{(\w+)}")
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    prompt: str  # template over row fields, ends where the target starts
+    target: str = "{label}"  # template of the answer
+    labels: tuple[str, ...] | None = None  # label words; None for free-text tasks
+    metric: str = "accuracy"  # accuracy | squad | entities
+    extra_metrics: tuple[str, ...] = ()  # "mcc" adds Matthews correlation
+    aliases: dict[str, str] = field(default_factory=dict)  # source column -> task column
+    truncate_field: str | None = None  # field that may be cut to fit seq_len (QA context)
+    prepare: Callable[[dict[str, Any]], dict[str, Any]] | None = None  # adds derived fields
+    hub: tuple[str, str | None, str] | None = None  # (dataset id, config, validation split)
+    description: str = ""
+
+    @property
+    def is_label_task(self) -> bool:
+        return self.labels is not None
+
+    @property
+    def input_fields(self) -> list[str]:
+        return PLACEHOLDER.findall(self.prompt)
+
+    @property
+    def target_fields(self) -> list[str]:
+        return PLACEHOLDER.findall(self.target)
+
+    def prompt_text(self, row: dict[str, Any]) -> str:
+        return self.prompt.format(**row)
+
+    def target_text(self, row: dict[str, Any]) -> str:
+        return self.target.format(**row)
+
+    def train_text(self, row: dict[str, Any], eos: str) -> str:
+        return f"{self.prompt_text(row)} {self.target_text(row)}{eos}"
+
+    def references(self, row: dict[str, Any]) -> list[str]:
+        """Acceptable answers for a row: the gold label, or every reference answer."""
+        if "references" in row:
+            return list(row["references"])
+        return [self.target_text(row)]
+
+    def postprocess(self, generated: str, eos: str | None) -> str:
+        """Generated text → answer. As the reference: cut at EOS, strip; labels must match exactly."""
+        text = generated.split(eos, 1)[0] if eos else generated
+        text = text.strip()
+        if self.labels is None:
+            return text
+        return text if text in self.labels else INVALID
+
+
+# --- built-in tasks -------------------------------------------------------------------------
+
+def _squad_prepare(row: dict[str, Any]) -> dict[str, Any]:
+    answers = row.get("answers")
+    if isinstance(answers, dict):  # hub SQuAD: {"text": [...], "answer_start": [...]}
+        answers = answers.get("text")
+    if isinstance(answers, str):
+        answers = [answers]
+    if not answers or not all(isinstance(a, str) and a.strip() for a in answers):
+        raise ValueError("field 'answers' must be a non-empty list of non-empty strings")
+    return {**row, "answer": answers[0], "references": list(answers)}
+
+
+ENTITY_TYPES = ("PER", "LOC", "ORG", "MISC")
+NO_ENTITIES = "none"
+
+
+def entities_from_iob2(tokens: list[str], tags: list[str]) -> list[tuple[str, str]]:
+    """IOB2 tags → ordered ``(type, span text)`` pairs.
+
+    >>> entities_from_iob2(["John", "Smith", "visits", "Paris"], ["B-PER", "I-PER", "O", "B-LOC"])
+    [('PER', 'John Smith'), ('LOC', 'Paris')]
+    """
+    spans: list[tuple[str, list[str]]] = []
+    prev = "O"
+    for token, tag in zip(tokens, tags):
+        if tag.startswith("I-") and prev != "O" and prev[2:] == tag[2:]:
+            spans[-1][1].append(token)  # continues the open entity
+        elif tag != "O":
+            spans.append((tag[2:], [token]))  # B-X, or a stray I-X, opens one
+        prev = tag
+    return [(kind, " ".join(words)) for kind, words in spans]
+
+
+def render_entities(entities: list[tuple[str, str]]) -> str:
+    """``[("PER", "John Smith"), ("LOC", "Paris")]`` → ``"PER: John Smith; LOC: Paris"``."""
+    return "; ".join(f"{kind}: {text}" for kind, text in entities) if entities else NO_ENTITIES
+
+
+def parse_entities(text: str) -> list[tuple[str, str]] | None:
+    """Inverse of :func:`render_entities`; None when the text is malformed.
+
+    >>> parse_entities("PER: John Smith; LOC: Paris")
+    [('PER', 'John Smith'), ('LOC', 'Paris')]
+    >>> parse_entities("none")
+    []
+    >>> parse_entities("John Smith") is None
+    True
+    """
+    text = text.strip()
+    if text == NO_ENTITIES:
+        return []
+    entities = []
+    for part in text.split(";"):
+        kind, sep, span = part.strip().partition(":")
+        if not sep or kind.strip() not in ENTITY_TYPES or not span.strip():
+            return None
+        entities.append((kind.strip(), span.strip()))
+    return entities or None
+
+
+def _conll_prepare(row: dict[str, Any]) -> dict[str, Any]:
+    tokens, tags = row.get("tokens"), row.get("ner_tags")
+    if not isinstance(tokens, list) or not tokens or not isinstance(tags, list) or len(tags) != len(tokens):
+        raise ValueError("fields 'tokens' and 'ner_tags' must be non-empty lists of equal length")
+    names = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC"]
+    tags = [names[t] if isinstance(t, int) else t for t in tags]  # hub rows hold class indices
+    return {**row, "sentence": " ".join(tokens), "entities": render_entities(entities_from_iob2(tokens, tags))}
+
+
+def _glue_nli(name: str, labels: tuple[str, ...], hub_config: str, val_split: str, **kw: Any) -> Task:
+    return Task(
+        name=name, prompt=name + " hypothesis: {hypothesis} premise: {premise} target:", labels=labels,
+        aliases={"sentence1": "premise", "sentence2": "hypothesis", "gold_label": "label"},
+        hub=("nyu-mll/glue", hub_config, val_split), **kw)
+
+
+BUILTIN: dict[str, Task] = {
+    "mnli": _glue_nli("mnli", ("entailment", "neutral", "contradiction"), "mnli", "validation_mismatched",
+                      description="GLUE MNLI, the reference's exact T5-style format"),
+    "rte": _glue_nli("rte", ("entailment", "not_entailment"), "rte", "validation",
+                     description="GLUE RTE, binary entailment"),
+    "sst2": Task(name="sst2", prompt="sst2 sentence: {sentence} target:", labels=("negative", "positive"),
+                 hub=("nyu-mll/glue", "sst2", "validation"), description="GLUE SST-2 sentiment"),
+    "squad": Task(name="squad", prompt="question: {question} context: {context} target:", target="{answer}",
+                  metric="squad", truncate_field="context", prepare=_squad_prepare,
+                  hub=("rajpurkar/squad", None, "validation"),
+                  description="extractive QA (SQuAD v1.1 style), exact match and F1"),
+    "conll2003": Task(name="conll2003", prompt="conll2003 sentence: {sentence} target:", target="{entities}",
+                      metric="entities", prepare=_conll_prepare, hub=("eriktks/conll2003", None, "validation"),
+                      description="named entities as text: 'PER: John Smith; LOC: Paris' or 'none'"),
+}
+
+
+def load_task_file(path: Path) -> Task:
+    """A custom task from YAML: ``name``, ``prompt``, optional ``target``, ``labels``, ``metric``."""
+    try:
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read task file ({str(exc).splitlines()[0]})") from None
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{path}: a task file must be a mapping with at least 'prompt'")
+    known = {"name", "prompt", "target", "labels", "metric", "extra_metrics", "aliases", "truncate_field",
+             "description"}
+    errors = [f"{path}: unknown key '{k}'" for k in spec if k not in known]
+    if not isinstance(spec.get("prompt"), str) or not PLACEHOLDER.search(spec.get("prompt", "")):
+        errors.append(f"{path}: 'prompt' must be a string with {{column}} placeholders")
+    labels = spec.get("labels")
+    if labels is not None and (not isinstance(labels, list) or len(labels) < 2
+                               or not all(isinstance(x, str) and x.strip() for x in labels)):
+        errors.append(f"{path}: 'labels' must be a list of at least two non-empty strings")
+    metric = spec.get("metric", "accuracy" if labels else "squad")
+    if metric not in ("accuracy", "squad", "entities"):
+        errors.append(f"{path}: 'metric' must be accuracy, squad or entities, got {metric!r}")
+    if metric == "accuracy" and labels is None:
+        errors.append(f"{path}: metric 'accuracy' needs 'labels'; free-text tasks use 'squad' or 'entities'")
+    if errors:
+        raise ConfigError("; ".join(errors))
+    return Task(name=str(spec.get("name", path.stem)), prompt=spec["prompt"],
+                target=spec.get("target", "{label}"), labels=tuple(labels) if labels else None,
+                metric=metric, extra_metrics=tuple(spec.get("extra_metrics", ())),
+                aliases=dict(spec.get("aliases", {})), truncate_field=spec.get("truncate_field"),
+                prepare=_squad_prepare if metric == "squad" and "{answer}" in spec.get("target", "") else None,
+                description=str(spec.get("description", f"custom task from {path}")))
+
+
+def get_task(name_or_path: str) -> Task:
+    if name_or_path in BUILTIN:
+        return BUILTIN[name_or_path]
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise ConfigError(f"task: file {path} not found")
+        return load_task_file(path)
+    raise ConfigError(f"task: unknown task '{name_or_path}'; built-in tasks are {', '.join(BUILTIN)}, "
+                      "or give the path of a task .yaml file")
+
+
+# --- answer normalisation shared by the free-text metrics ----------------------------------
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = set(string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD v1.1 normalisation: lower case, drop punctuation and articles, squeeze whitespace.
+
+    >>> normalize_answer("The  Denver Broncos!")
+    'denver broncos'
+    """
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCT)
+    return " ".join(_ARTICLES.sub(" ", text).split())
