@@ -58,7 +58,10 @@ def save_hf(model: Any, tokenizer: Any, folder: Path, state_dict: dict[str, Any]
     if gen is not None:
         gen.eos_token_id = tokenizer.eos_token_id
         gen.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(folder, state_dict=state_dict)
+    if hasattr(model, "peft_config"):  # adapter only; the base model is known by name
+        model.save_pretrained(folder, state_dict=state_dict, save_embedding_layers=False)
+    else:
+        model.save_pretrained(folder, state_dict=state_dict)
     tokenizer.save_pretrained(folder)
 
 
@@ -189,14 +192,27 @@ def read_checkpoint(path: Path) -> tuple[TrainState, dict[str, Any], dict[str, A
     return state, opt, rng
 
 
+def _save_merged(peft_model: Any, tokenizer: Any, folder: Path) -> None:
+    """Save base weights with the adapters merged in, leaving the peft model as it was
+    (merge, copy the state without LoRA tensors, unmerge): no second copy of the model."""
+    peft_model.merge_adapter()
+    try:
+        base = peft_model.get_base_model()
+        merged = {k.replace(".base_layer.", "."): v for k, v in base.state_dict().items() if "lora_" not in k}
+        save_hf(base, tokenizer, folder, state_dict=merged)
+    finally:
+        peft_model.unmerge_adapter()
+
+
 def export(model: Any, tokenizer: Any, out: Path, merge: bool = True, card: str | None = None) -> Path:
     """Write a Hugging Face folder atomically; peft adapters are merged unless ``merge`` is False."""
     inner = unwrap(model)
-    if merge and hasattr(inner, "merge_and_unload"):
-        inner = inner.merge_and_unload()
     tmp = atomic_dir(out)
     try:
-        save_hf(inner, tokenizer, tmp)
+        if merge and hasattr(inner, "peft_config"):
+            _save_merged(inner, tokenizer, tmp)
+        else:
+            save_hf(inner, tokenizer, tmp)
         if card is not None:
             (tmp / "README.md").write_text(card, encoding="utf-8")
         commit_dir(tmp, out)

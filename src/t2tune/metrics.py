@@ -30,8 +30,7 @@ def label_metrics(task: Task, predictions: Sequence[str], golds: Sequence[str]) 
                         for lab, p, r, s in zip(labels, precision, recall, support)}
     out["macro_f1"] = float(f1_score(golds, predictions, labels=labels, average="macro", zero_division=0))
     if len(labels) == 2:
-        out["f1"] = float(f1_score(golds, predictions, labels=labels, pos_label=labels[1], average="binary",
-                                   zero_division=0))
+        out["f1"] = float(f1_score(golds, predictions, labels=[labels[1]], average=None, zero_division=0)[0])
     if "mcc" in task.extra_metrics:
         out["mcc"] = float(matthews_corrcoef(golds, predictions))
     matrix = confusion_matrix(golds, predictions, labels=columns)

@@ -1,0 +1,95 @@
+import pytest
+import torch
+
+from t2tune.encoding import encode_for_training
+from t2tune.errors import DataError
+from t2tune.packing import IGNORE_INDEX, Encoded, collate, encode_examples, pack
+from t2tune.tasks import get_task
+
+# two examples: prompt tokens then target tokens (9 = EOS)
+A = Encoded([1, 2, 3, 4, 9], 3)  # prompt 1 2 3, target 4 9
+B = Encoded([5, 6, 9], 2)  # prompt 5 6, target 9
+
+
+def rows_of(mode, seq_len, loss_on):
+    return [(r.tokens, r.positions, r.loss_mask) for r in pack([A, B], mode, seq_len, loss_on, pad_id=0)]
+
+
+def test_concat_all_tokens():
+    # stream 1 2 3 4 9 5 6 9, rows of seq_len + 1 = 4 tokens, ragged tail dropped
+    assert rows_of("concat", 3, "all") == [
+        ([1, 2, 3, 4], [0, 1, 2], [True, True, True]),
+        ([9, 5, 6, 9], [0, 1, 2], [True, True, True]),
+    ]
+
+
+def test_concat_target_only():
+    # label of position t is token t+1; it counts only when that token is a target token
+    assert rows_of("concat", 3, "target") == [
+        ([1, 2, 3, 4], [0, 1, 2], [False, False, True]),
+        ([9, 5, 6, 9], [0, 1, 2], [False, False, True]),
+    ]
+
+
+def test_isolated_rows():
+    assert rows_of("isolated", 9, "all") == [
+        ([1, 2, 3, 4, 9, 5, 6, 9, 0, 0], [0, 1, 2, 3, 4, 0, 1, 2, 0], 
+         [True, True, True, True, False, True, True, False, False]),
+    ]
+    assert rows_of("isolated", 9, "target")[0][2] == [False, False, True, True, False, False, True, False, False]
+
+
+def test_isolated_first_fit():
+    rows = pack([A, Encoded([7] * 5, 4), B], "isolated", 7, "all", pad_id=0)
+    assert [r.tokens for r in rows] == [[1, 2, 3, 4, 9, 5, 6, 9], [7, 7, 7, 7, 7, 0, 0, 0]]
+
+
+def test_none_mode_and_collate_pads_right():
+    rows = pack([A, B], "none", 8, "target", pad_id=0)
+    batch = collate(rows, pad_id=0)
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4], [5, 6, 0, 0]]
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, IGNORE_INDEX, 4, 9], [IGNORE_INDEX, 9, IGNORE_INDEX, IGNORE_INDEX]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3], [0, 1, 2, 3]]
+
+
+def test_label_shift():
+    batch = collate(pack([A], "isolated", 4, "all", pad_id=0), pad_id=0)
+    # inputs = row[:-1], labels = row[1:]
+    assert batch["input_ids"].tolist() == [[1, 2, 3, 4]]
+    assert batch["labels"].tolist() == [[2, 3, 4, 9]]
+
+
+def test_too_long_is_an_error(tiny):
+    task = get_task("mnli")
+    row = {"premise": "word " * 100, "hypothesis": "h", "label": "neutral", "_where": "f.jsonl:3"}
+    with pytest.raises(DataError, match=r"f.jsonl:3: example is \d+ tokens, longer than a training row"):
+        encode_for_training(task, [row], tiny.tokenizer, tiny.eos_id, 32, truncate=False)
+    (example,), dropped = encode_for_training(task, [row], tiny.tokenizer, tiny.eos_id, 32, truncate=True)
+    assert len(example.ids) == 33 and dropped == 0
+    assert tiny.tokenizer.decode(example.ids).endswith("target: neutral<|endoftext|>")
+
+
+def test_qa_truncation_drops_examples_whose_answer_is_cut(tiny):
+    task = get_task("squad")
+    near = task.prepare({"question": "q?", "context": "Paris is the answer. " + "filler " * 80, "answers": ["Paris"]})
+    far = task.prepare({"question": "q?", "context": "filler " * 80 + "Lyon.", "answers": ["Lyon"]})
+    out, dropped = encode_for_training(task, [near, far], tiny.tokenizer, tiny.eos_id, 40, truncate=True)
+    assert dropped == 1 and len(out) == 1 and len(out[0].ids) <= 41
+    assert tiny.tokenizer.decode(out[0].ids).endswith("target: Paris<|endoftext|>")
+
+
+def test_encode_matches_whole_text(tiny):
+    """Tokenizing prompt and target apart gives the same ids as the full reference string."""
+    task = get_task("mnli")
+    row = {"premise": "The cat sat.", "hypothesis": "A cat.", "label": "neutral"}
+    (example,) = encode_examples(tiny.tokenizer, [task.prompt_text(row)], [task.target_text(row)], tiny.eos_id)
+    whole = tiny.tokenizer(task.train_text(row, "<|endoftext|>"), add_special_tokens=False)["input_ids"]
+    assert example.ids == whole
+
+
+def test_gptj_tokenizer_quirks(tiny):
+    tok = tiny.tokenizer
+    assert len(tok) == 50400 and tiny.model.config.vocab_size == 50400
+    assert tok.pad_token == "<|extratoken_1|>" and tok.pad_token_id == 50257
+    assert tok.eos_token_id == 50256 and tok.convert_ids_to_tokens(50399) == "<|extratoken_143|>"
+    assert tok("hello world")["input_ids"] == [31373, 995]  # GPT-2 BPE

@@ -1,0 +1,119 @@
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+from t2tune.api import Trainer
+from t2tune.checkpoint import list_checkpoints
+from t2tune.config import ModelConfig
+from t2tune.data import load_examples
+from t2tune.models import load_model
+from t2tune.packing import Encoded, collate, pack
+from t2tune.tasks import get_task
+from t2tune.training import LossModule, epoch_order, lr_factor, next_global_batch
+from t2tune.checkpoint import TrainState
+
+from conftest import tiny_config
+
+
+def _token_losses(model, batch):
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    return F.cross_entropy(logits[0].float(), batch["labels"][0], reduction="none", ignore_index=-100)
+
+
+@pytest.mark.parametrize("name,attn", [("tiny-gptj", "eager"), ("tiny-gptj", "sdpa"), ("smollm2-135m", "sdpa"),
+                                       ("smollm2-135m", "eager")])
+def test_isolated_packing_really_isolates(name, attn):
+    loaded = load_model(ModelConfig(name=name, attn_implementation=attn))
+    examples = [Encoded([101, 102, 103, 104, 105, 106], 3), Encoded([201, 202, 203, 204], 2),
+                Encoded([301, 302, 303, 304, 305], 1)]
+    packed = collate(pack(examples, "isolated", 20, "all", pad_id=0), pad_id=0)
+    together = _token_losses(loaded.model, packed)
+    start = 0
+    for example in examples:
+        alone = collate(pack([example], "none", 20, "all", pad_id=0), pad_id=0)
+        expected = _token_losses(loaded.model, alone)
+        n = len(example.ids) - 1
+        got = together[start:start + n]
+        assert torch.allclose(got, expected[:n], atol=1e-5, rtol=1e-5), (name, attn, got, expected)
+        start += len(example.ids)
+
+
+def test_fast_loss_path_equals_full_logits(tiny):
+    rows = pack([Encoded(list(range(300, 340)), 30), Encoded(list(range(500, 520)), 5)], "isolated", 63, "target", 0)
+    batch = collate(rows, 0)
+    module = LossModule(tiny.model)
+    assert module.fast
+    with torch.no_grad():
+        fast = module(**batch)
+        logits = tiny.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    full = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="sum", ignore_index=-100)
+    assert torch.allclose(fast, full, rtol=1e-5)
+
+
+def test_schedule_and_data_order():
+    state = TrainState()
+    seen = next_global_batch(5, state, 4, seed=1) + next_global_batch(5, state, 4, seed=1)
+    assert seen[:5] == epoch_order(5, 1, 0) and seen[5:] == epoch_order(5, 1, 1)[:3]
+    assert (state.epoch, state.row_in_epoch) == (1, 3)
+
+
+def _train(cfg, data, loaded=None):
+    loaded = loaded or load_model(cfg.model)
+    task = get_task(cfg.task)
+    rows = load_examples(task, str(data), "train")
+    val = load_examples(task, str(data), "validation")
+    trainer = Trainer(cfg, loaded.model, rows, val, cfg.eval, loaded.tokenizer, task=task)
+    trainer.train()
+    return trainer
+
+
+def test_every_trainable_parameter_changes(tmp_path, mnli_dir):
+    cfg = tiny_config(tmp_path / "run", mnli_dir, **{"train.steps": 2, "checkpoint.every": 0})
+    loaded = load_model(cfg.model)
+    before = {k: v.detach().clone() for k, v in loaded.model.named_parameters()}
+    _train(cfg, mnli_dir, loaded)
+    for name, param in loaded.model.named_parameters():
+        assert not torch.equal(before[name], param.detach()), f"{name} did not change"
+
+
+def test_train_stop_resume_export_reload(tmp_path, mnli_dir):
+    """3 steps uninterrupted vs 2 steps + resume to 3: same weights; export reloads with same logits."""
+    straight = _train(tiny_config(tmp_path / "a", mnli_dir, **{"train.steps": 3}), mnli_dir)
+    first = _train(tiny_config(tmp_path / "b", mnli_dir, **{"train.steps": 2}), mnli_dir)
+    assert [s for s, _ in list_checkpoints(tmp_path / "b")] == [1, 2]
+    resumed = _train(tiny_config(tmp_path / "b", mnli_dir, **{"train.steps": 3}), mnli_dir)
+    assert resumed.state.optimizer_step == 3
+    for (name, a), (_, b) in zip(straight.model.named_parameters(), resumed.model.named_parameters()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), name
+    # metrics.jsonl: one train line per step, no duplicates after the resume
+    import json
+    lines = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines if l["event"] == "train"] == [1, 2, 3]
+    assert {"step", "loss", "lr", "tokens_per_s"} <= set(lines[1])
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "b" / "hf")
+    ids = torch.tensor([[10, 20, 30, 40, 50]])
+    resumed.model.eval()
+    with torch.no_grad():
+        assert torch.allclose(reloaded(ids).logits, resumed.model(ids).logits, atol=1e-6)
+    assert (tmp_path / "b" / "hf" / "README.md").read_text().count("mnli hypothesis: <hypothesis>") >= 1
+    assert (tmp_path / "b" / "plots" / "loss_lr.png").is_file()
+
+
+def test_lora_trains_adapters_and_merged_export_matches(tmp_path, mnli_dir):
+    cfg = tiny_config(tmp_path / "lora", mnli_dir, **{"train.method": "lora", "train.steps": 2, "lora.r": 4})
+    trainer = _train(cfg, mnli_dir)
+    trained = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
+    assert trained and all("lora_" in n for n in trained)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "lora" / "hf")
+    ids = torch.tensor([[10, 20, 30, 40, 50]])
+    trainer.model.eval()
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, trainer.model(ids).logits, atol=1e-5)
+    # the step checkpoint holds only the adapter, and evaluates/exports through the same loader
+    adapter = load_model(ModelConfig(name=str(tmp_path / "lora" / "checkpoints" / "step-2")))
+    with torch.no_grad():
+        assert torch.allclose(adapter.model(ids).logits, trainer.model(ids).logits, atol=1e-5)
