@@ -141,6 +141,7 @@ class Trainer:
     def resume(self) -> bool:
         found = list_checkpoints(self.out_dir)
         if not found:
+            self.log.trim_after(0)  # events of a run killed before its first checkpoint are redone
             return False
         step, path = found[-1]
         state, opt, rng = read_checkpoint(path)
@@ -210,7 +211,8 @@ class Trainer:
         bar.close()
         if self.eval_dataset and last_eval_step != self.state.optimizer_step:
             self._validate(None)
-        self.checkpoint()
+        if self.state.optimizer_step not in [s for s, _ in list_checkpoints(self.out_dir)]:
+            self.checkpoint()
         if main:
             self.save_hf_checkpoint(self.out_dir / "hf")
             self.log.write({"event": "end", "step": self.state.optimizer_step, "best": self.state.best,

@@ -126,7 +126,7 @@ def list_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
 def rotate(out_dir: Path, keep: int) -> None:
     for _, path in list_checkpoints(out_dir)[:-keep]:
         shutil.rmtree(path, ignore_errors=True)
-    for stale in (out_dir / "checkpoints").glob(".step-*.tmp-*"):  # left by a killed run
+    for stale in (out_dir / "checkpoints").glob(".step-*"):  # temporary folders of a killed run
         shutil.rmtree(stale, ignore_errors=True)
 
 

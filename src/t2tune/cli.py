@@ -70,11 +70,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .api import Trainer
     from .config import load_config
     from .data import load_examples
-    from .models import load_model
+    from .models import check_model_name, load_model
     from .tasks import get_task
 
     cfg = load_config(args.config, args.overrides)
     task = get_task(cfg.task)
+    check_model_name(cfg.model.name)
     check_out_dir(cfg, args.overwrite)
     train_src, hub_config, val_src, val_split = data_sources(cfg, task)
     rows = load_examples(task, train_src, cfg.data.train_split, hub_config)

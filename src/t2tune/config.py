@@ -8,6 +8,7 @@ each key, so a user fixes a config in one go rather than one error per run.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 import types
 import typing
@@ -207,7 +208,9 @@ def build_config(values: dict[str, Any]) -> RunConfig:
             continue
         hints = typing.get_type_hints(type(section))
         if rest not in hints:
-            errors.append(f"{key}: unknown key (known in '{head}': {', '.join(sorted(hints))})")
+            close = difflib.get_close_matches(rest, list(hints), n=1)
+            hint = f" (did you mean {head}.{close[0]}?)" if close else f" (known: {', '.join(sorted(hints))})"
+            errors.append(f"{key}: unknown key{hint}")
             continue
         value = _coerce(value, hints[rest])
         if not _type_ok(value, hints[rest]):

@@ -174,6 +174,15 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+def check_model_name(name: str) -> None:
+    """Cheap checks before anything slow (data reading, model download) starts."""
+    if name in ALIASES:
+        return
+    if name.startswith((".", "/", "~")) or name.endswith(".gguf"):
+        if not Path(name).expanduser().exists():
+            raise UserError(f"model.name: path {name} does not exist")
+
+
 def load_model(cfg: Any, dtype: str | None = None) -> Loaded:
     """Load per a ModelConfig (name, revision, dtype, attn_implementation, trust_remote_code)."""
     torch_dtype = DTYPES[dtype or cfg.dtype]
@@ -197,9 +206,8 @@ def load_model(cfg: Any, dtype: str | None = None) -> Loaded:
         loaded = _from_pretrained(str(gguf_as_folder(gguf, cfg)), cfg, torch_dtype)
         loaded.source = name
     else:
+        check_model_name(name)
         path = resolve_path(name)
-        if path is None and name.startswith((".", "/", "~")):
-            raise UserError(f"model.name: path {name} does not exist")
         if path is not None and (path / "adapter_config.json").is_file():
             loaded = _load_adapter(path, cfg, torch_dtype)
         else:
