@@ -70,8 +70,8 @@ def pack_concat(examples: Sequence[Encoded], seq_len: int, loss_on: str, pad_id:
     """The reference's packing: concatenate everything, cut rows of ``seq_len + 1`` tokens.
 
     >>> rows = pack_concat([Encoded([1, 2, 9], 2), Encoded([3, 9], 1)], seq_len=2, loss_on="all", pad_id=0)
-    >>> [(r.tokens, r.loss_mask) for r in rows]
-    [([1, 2, 9], [True, True]), ([3, 9, 0], [True, False])]
+    >>> [(r.tokens, r.loss_mask) for r in rows]  # the ragged tail [3, 9] is dropped
+    [([1, 2, 9], [True, True])]
     """
     stream: list[int] = []
     counts: list[bool] = []
@@ -142,7 +142,7 @@ def pack_none(examples: Sequence[Encoded], seq_len: int, loss_on: str, pad_id: i
     in a causal model: real tokens never look at later positions).
 
     >>> [(r.tokens, r.loss_mask) for r in pack_none([Encoded([1, 2, 9], 2)], 4, "target", 0)]
-    [([1, 2, 9], [True, True])]
+    [([1, 2, 9], [False, True])]
     """
     rows = []
     for example in examples:
