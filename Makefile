@@ -8,7 +8,7 @@ CONFIG ?= configs/mnli-smollm2-cpu.yaml
 DATA ?=
 ARGS ?=
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test bench-train bench-eval gpu-check clean
 
 setup: $(STAMP)
 
@@ -28,8 +28,14 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-bench: $(STAMP)
+bench-train: $(STAMP)
+	$(BIN)/python benchmarks/bench_train.py
+
+bench-eval: $(STAMP)
 	$(BIN)/python benchmarks/bench_eval.py
+
+gpu-check:
+	python3 benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -156,3 +156,21 @@ def test_free_text_tasks_train_and_validate(tmp_path, capsys, task, folder):
     code, _, err = run_cli(capsys, "evaluate", str(tmp_path / "run"), "--task", task, "--data", str(data),
                            "--mode", "score")
     assert code == 2 and "score mode needs a label task" in err
+
+
+@pytest.mark.parametrize("victim,expect", [("model/model.safetensors", "corrupt or truncated safetensors file"),
+                                           ("optimizer.pt", "corrupt or incomplete checkpoint")])
+def test_corrupt_checkpoint_is_one_line(tmp_path, capsys, victim, expect):
+    data = tmp_path / "d"
+    data.mkdir()
+    write_jsonl(data / "train.jsonl", MNLI_ROWS)
+    write_jsonl(data / "validation.jsonl", MNLI_ROWS[:2])
+    args = ["train", _config(tmp_path), f"data.train={data}", f"data.validation={data}",
+            f"out_dir={tmp_path / 'out'}", "checkpoint.every=1", "eval.limit=1", "eval.max_new_tokens=1"]
+    assert run_cli(capsys, *args)[0] == 0
+    path = tmp_path / "out" / "checkpoints" / "step-2" / victim
+    path.write_bytes(path.read_bytes()[:100])  # truncated, as by a full disk
+    metrics = (tmp_path / "out" / "metrics.jsonl").read_text()
+    code, _, err = run_cli(capsys, *args, "train.steps=3")
+    assert code == 2 and expect in err and len(err.strip().splitlines()) == 1, err
+    assert (tmp_path / "out" / "metrics.jsonl").read_text() == metrics  # nothing lost

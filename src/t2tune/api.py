@@ -186,8 +186,8 @@ class Trainer:
             step = self.state.optimizer_step
             lr = self.scheduler.get_last_lr()[0]
             tps = result.tokens / seconds if seconds else 0.0
-            bar.update(1)
             bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", refresh=False)
+            bar.update(1)
             if step % t.log_every == 0 or step == t.steps:
                 self.log.write({"event": "train", "step": step, "loss": result.loss, "lr": lr,
                                 "tokens_per_s": tps, "grad_norm": result.grad_norm, "epoch": self.state.epoch,

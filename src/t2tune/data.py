@@ -158,7 +158,7 @@ def prepare_rows(task: Task, rows: list[Row], need_target: bool = True) -> list[
     for row in rows:
         where = row.get("_where", "?")
         row = {task.aliases.get(k, k): v for k, v in row.items()}
-        if task.prepare is not None and (need_target or all(f in row for f in task.target_fields)):
+        if task.prepare is not None:
             try:
                 row = task.prepare(row)
             except (ValueError, KeyError, TypeError, IndexError) as exc:

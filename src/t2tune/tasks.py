@@ -84,7 +84,11 @@ class Task:
 # --- built-in tasks -------------------------------------------------------------------------
 
 def _squad_prepare(row: dict[str, Any]) -> dict[str, Any]:
+    """Adds ``answer`` (the first reference, the training target) and ``references``; rows
+    without answers (prediction input) pass through."""
     answers = row.get("answers")
+    if answers is None:
+        return row
     if isinstance(answers, dict):  # hub SQuAD: {"text": [...], "answer_start": [...]}
         answers = answers.get("text")
     if isinstance(answers, str):
@@ -144,8 +148,12 @@ def parse_entities(text: str) -> list[tuple[str, str]] | None:
 
 def _conll_prepare(row: dict[str, Any]) -> dict[str, Any]:
     tokens, tags = row.get("tokens"), row.get("ner_tags")
-    if not isinstance(tokens, list) or not tokens or not isinstance(tags, list) or len(tags) != len(tokens):
-        raise ValueError("fields 'tokens' and 'ner_tags' must be non-empty lists of equal length")
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+        raise ValueError("field 'tokens' must be a non-empty list of strings")
+    if tags is None:  # prediction input: no gold entities
+        return {**row, "sentence": " ".join(tokens)}
+    if not isinstance(tags, list) or len(tags) != len(tokens):
+        raise ValueError("field 'ner_tags' must be a list as long as 'tokens'")
     names = ["O", "B-PER", "I-PER", "B-ORG", "I-ORG", "B-LOC", "I-LOC", "B-MISC", "I-MISC"]
     tags = [names[t] if isinstance(t, int) else t for t in tags]  # hub rows hold class indices
     return {**row, "sentence": " ".join(tokens), "entities": render_entities(entities_from_iob2(tokens, tags))}

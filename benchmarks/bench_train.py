@@ -1,0 +1,166 @@
+"""Training throughput: t2tune train against Hugging Face Trainer, same run, same machine.
+
+    .venv/bin/python benchmarks/bench_train.py [--steps 12] [--out runs/bench/bench_train.json]
+
+Same model (bundled SmolLM2-135M), same data (../shared/data/mnli/train.jsonl), same rows
+(run_clm-style group_texts: examples concatenated and cut into 256-token blocks; t2tune's
+``packing: concat`` is the same layout), micro batch 8, lr 2e-4 constant. Two objectives: all
+tokens, and target tokens only (Trainer: prompt tokens masked to -100). t2tune runs at
+``precision: bf16`` (autocast), Trainer with ``bf16=True``. Each run is its own process, so
+peak RSS is per run. Tokens/s excludes the first two (warm-up) steps. Also reports achieved
+training FLOP/s (6 × parameters × tokens/s) against this CPU's measured bf16 matmul peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "mnli"
+SEQ_LEN, MICRO, LR, WARM = 256, 8, 2e-4, 2
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def worker_t2tune(objective: str, steps: int) -> dict:
+    sys.path.insert(0, str(ROOT / "src"))
+    from t2tune.api import Trainer
+    from t2tune.config import build_config
+    from t2tune.data import load_examples
+    from t2tune.models import load_model
+    from t2tune.tasks import get_task
+
+    out = Path(tempfile.mkdtemp())
+    cfg = build_config({"task": "mnli", "out_dir": str(out), "model.name": "smollm2-135m", "train.steps": steps,
+                        "train.seq_len": SEQ_LEN, "train.micro_batch_size": MICRO, "train.global_batch_size": MICRO,
+                        "train.lr": LR, "train.precision": "bf16", "train.loss_on": objective,
+                        "train.packing": "concat", "train.dropout": 0.0, "checkpoint.every": 0})
+    task = get_task("mnli")
+    loaded = load_model(cfg.model)
+    rows = load_examples(task, str(DATA), "train")
+    trainer = Trainer(cfg, loaded.model, rows, [], cfg.eval, loaded.tokenizer, task=task)
+    # time the optimizer steps only (no export): run fit through train() but skip checkpoint/export cost
+    trainer.checkpoint = lambda: None
+    trainer.save_hf_checkpoint = lambda path, merge=True: None
+    trainer.train()
+    events = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [e for e in events if e["event"] == "train"]
+    timed = train[WARM:]
+    tokens = timed[-1]["tokens_seen"] - train[WARM - 1]["tokens_seen"]
+    seconds = timed[-1]["train_seconds"] - train[WARM - 1]["train_seconds"]
+    n_params = sum(p.numel() for p in loaded.model.parameters())
+    return {"tokens_per_s": tokens / seconds, "final_loss": train[-1]["loss"], "peak_rss_mib": _peak_rss_mib(),
+            "params": n_params}
+
+
+def worker_hf(objective: str, steps: int) -> dict:
+    import torch
+    from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
+    from datasets import Dataset
+
+    sys.path.insert(0, str(ROOT / "src"))
+    from t2tune.config import ModelConfig
+    from t2tune.data import load_examples
+    from t2tune.models import load_model
+    from t2tune.tasks import get_task
+
+    task = get_task("mnli")
+    loaded = load_model(ModelConfig(name="smollm2-135m"))
+    tok = loaded.tokenizer
+    rows = load_examples(task, str(DATA), "train")
+    prompts = tok([task.prompt_text(r) for r in rows], add_special_tokens=False)["input_ids"]
+    targets = tok([" " + task.target_text(r) for r in rows], add_special_tokens=False)["input_ids"]
+    ids, labels = [], []
+    for p, t in zip(prompts, targets):  # run_clm's group_texts, with labels carried alongside
+        ids.extend(p + t + [tok.eos_token_id])
+        labels.extend(([-100] * len(p) if objective == "target" else p) + t + [tok.eos_token_id])
+    blocks = len(ids) // SEQ_LEN
+    ds = Dataset.from_dict({"input_ids": [ids[i * SEQ_LEN:(i + 1) * SEQ_LEN] for i in range(blocks)],
+                            "labels": [labels[i * SEQ_LEN:(i + 1) * SEQ_LEN] for i in range(blocks)]})
+    stamps, losses = [], []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            stamps.append(time.perf_counter())
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                losses.append(logs["loss"])
+
+    args = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=MICRO, max_steps=steps,
+                             learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, bf16=True,
+                             use_cpu=True, logging_steps=1, save_strategy="no", report_to=[], seed=42,
+                             dataloader_num_workers=0, max_grad_norm=1.0, weight_decay=0.0)
+    Trainer(model=loaded.model, args=args, train_dataset=ds, data_collator=default_data_collator,
+            callbacks=[Clock()]).train()
+    seconds = stamps[-1] - stamps[WARM - 1]
+    tokens = (len(stamps) - WARM) * MICRO * SEQ_LEN
+    return {"tokens_per_s": tokens / seconds, "final_loss": losses[-1], "peak_rss_mib": _peak_rss_mib(),
+            "params": sum(p.numel() for p in loaded.model.parameters())}
+
+
+def bf16_matmul_peak() -> float:
+    import torch
+
+    a = torch.randn(2048, 2048, dtype=torch.bfloat16)
+    b = torch.randn(2048, 2048, dtype=torch.bfloat16)
+    a @ b
+    start = time.perf_counter()
+    reps = 10
+    for _ in range(reps):
+        a @ b
+    return 2 * 2048 ** 3 * reps / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--out", default="runs/bench/bench_train.json")
+    parser.add_argument("--worker", choices=["t2tune", "hf"])
+    parser.add_argument("--objective", choices=["all", "target"], default="all")
+    args = parser.parse_args()
+    if args.worker:
+        fn = worker_t2tune if args.worker == "t2tune" else worker_hf
+        print("RESULT " + json.dumps(fn(args.objective, args.steps)))
+        return
+    peak = bf16_matmul_peak()
+    table = []
+    for objective in ("all", "target"):
+        for who in ("hf", "t2tune"):
+            proc = subprocess.run([sys.executable, __file__, "--worker", who, "--objective", objective,
+                                   "--steps", str(args.steps)], capture_output=True, text=True)
+            line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+            if not line:
+                sys.exit(f"{who}/{objective} failed:\n{proc.stderr[-3000:]}")
+            result = json.loads(line[0][7:])
+            result.update(objective=objective, runner="HF Trainer" if who == "hf" else "t2tune")
+            result["flops_per_s"] = 6 * result["params"] * result["tokens_per_s"]
+            result["fraction_of_bf16_peak"] = result["flops_per_s"] / peak
+            table.append(result)
+    print(f"{'objective':<10}{'runner':<12}{'tokens/s':>10}{'ratio':>7}{'final loss':>12}{'peak RSS MiB':>14}"
+          f"{'of bf16 peak':>14}")
+    for row in table:
+        base = next(r for r in table if r["objective"] == row["objective"] and r["runner"] == "HF Trainer")
+        row["ratio_vs_hf"] = row["tokens_per_s"] / base["tokens_per_s"]
+        print(f"{row['objective']:<10}{row['runner']:<12}{row['tokens_per_s']:>10.0f}{row['ratio_vs_hf']:>7.2f}"
+              f"{row['final_loss']:>12.4f}{row['peak_rss_mib']:>14.0f}{row['fraction_of_bf16_peak']:>14.2f}")
+    report = {"benchmark": "bench_train", "steps": args.steps, "seq_len": SEQ_LEN, "micro_batch": MICRO,
+              "bf16_matmul_peak_flops": peak, "machine": platform.processor() or platform.machine(),
+              "date": time.strftime("%Y-%m-%d"), "rows": table}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    print(f"bf16 matmul peak: {peak / 1e9:.0f} GFLOP/s; JSON: {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""One-call GPU check: throughput, MFU and memory through t2tune's own training path.
+
+    python benchmarks/gpu_check.py            # on the GPU machine (about 5 minutes on an H100)
+    python benchmarks/gpu_check.py --tiny     # CPU dry run with tiny shapes (what CI-less hosts can do)
+
+1. the card's bf16 matmul peak, measured here;
+2. a GPT-J-6B-shaped model (real config, random bf16 weights) on packed 1024-token rows:
+   LoRA, then full fine-tune if memory allows (bf16 weights and AdamW state);
+3. the SmolLM2-135M architecture (config only) at a batch that fills the card;
+4. correctness: tiny-gptj fp32 losses on the GPU equal the CPU's within 1e-4.
+Rows are random token ids (no tokenizer or dataset needed on the machine); everything else is
+t2tune's LossModule / train_step / fit, the same code ``t2tune train`` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import random
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from t2tune.checkpoint import TrainState  # noqa: E402
+from t2tune.packing import PackedRow  # noqa: E402
+from t2tune.training import LossModule, fit, lr_factor, make_optimizer  # noqa: E402
+
+
+def train_cfg(**kw):
+    base = dict(steps=6, micro_batch_size=4, global_batch_size=4, lr=1e-4, betas=[0.9, 0.95], eps=1e-8,
+                weight_decay=0.0, warmup_steps=0, schedule="constant", min_lr_ratio=0.0, grad_clip=1.0,
+                precision="bf16", seed=0)
+    base.update(kw)
+    return SimpleNamespace(**base)
+
+
+def random_rows(n: int, seq_len: int, vocab: int, seed: int = 0) -> list[PackedRow]:
+    rng = random.Random(seed)
+    return [PackedRow([rng.randrange(vocab) for _ in range(seq_len + 1)], list(range(seq_len)), [True] * seq_len)
+            for _ in range(n)]
+
+
+def peak_bf16(device: torch.device, n: int) -> float:
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    _sync(device)
+    reps, start = 20, time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    _sync(device)
+    return 2 * n ** 3 * reps / (time.perf_counter() - start)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run(model, cfg, rows, device, warm: int = 2) -> dict:
+    from accelerate import Accelerator
+
+    acc = Accelerator(cpu=device.type == "cpu")
+    module = acc.prepare(LossModule(model))
+    opt = acc.prepare(make_optimizer(module, cfg))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
+    times, losses = [], []
+
+    def on_step(result, seconds):
+        _sync(device)
+        times.append(time.perf_counter())
+        losses.append(result.loss)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    fit(module, acc, opt, sched, rows, TrainState(), cfg, 0, on_step)
+    tokens = cfg.global_batch_size * (len(rows[0].tokens) - 1) * (len(times) - warm)
+    seconds = times[-1] - (times[warm - 1] if warm else start)
+    mem = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
+    return {"tokens_per_s": tokens / seconds, "peak_mem_gib": mem, "losses": losses}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tiny", action="store_true", help="CPU dry run with tiny shapes")
+    args = parser.parse_args()
+    from transformers import GPTJForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from t2tune.api import wrap_lora
+    from t2tune.models import gptj_6b_config, tiny_gptj_config
+
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    peak = peak_bf16(device, 256 if args.tiny else 8192)
+    table = []
+    seq = 64 if args.tiny else 1024
+
+    def shaped_gptj():
+        cfg = tiny_gptj_config() if args.tiny else gptj_6b_config()
+        with torch.device(device):
+            return GPTJForCausalLM(cfg).to(torch.bfloat16)
+
+    for method in ("lora", "full"):
+        name = f"GPT-J 6B shape, {method}, bf16"
+        try:
+            model = shaped_gptj()
+            n_params = sum(p.numel() for p in model.parameters())
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if method == "lora":
+                model = wrap_lora(model, SimpleNamespace(lora=SimpleNamespace(r=8, alpha=16, dropout=0.0,
+                                                                              target_modules=None)), "gptj")
+            micro = 2 if args.tiny else 8
+            cfg = train_cfg(micro_batch_size=micro, global_batch_size=micro, precision="bf16-weights")
+            res = run(model, cfg, random_rows(micro * cfg.steps, seq, 50400), device)
+            # LoRA skips the frozen weights' gradients: ~4N FLOPs per token instead of 6N
+            flops = (4 if method == "lora" else 6) * n_params * res["tokens_per_s"]
+            table.append((name, res["tokens_per_s"], flops / peak, res["peak_mem_gib"]))
+        except torch.OutOfMemoryError:
+            table.append((name + " (out of memory)", float("nan"), float("nan"), float("nan")))
+        model = None
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    smol = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                       num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
+                       tie_word_embeddings=True, rope_theta=100000.0)
+    if args.tiny:
+        smol.num_hidden_layers = 2
+    with torch.device(device):
+        model = LlamaForCausalLM(smol)
+    n_params = sum(p.numel() for p in model.parameters())
+    micro = 2 if args.tiny else 64
+    cfg = train_cfg(micro_batch_size=micro, global_batch_size=micro, precision="bf16")
+    res = run(model, cfg, random_rows(micro * cfg.steps, seq, 49152), device)
+    table.append(("SmolLM2-135M shape, full, bf16 autocast", res["tokens_per_s"],
+                  6 * n_params * res["tokens_per_s"] / peak, res["peak_mem_gib"]))
+    model = None
+    gc.collect()
+
+    losses = {}
+    for where in ("cpu", device.type):
+        torch.manual_seed(0)
+        model = GPTJForCausalLM(tiny_gptj_config()).to(where)
+        cfg = train_cfg(steps=4, micro_batch_size=2, global_batch_size=2, precision="fp32", lr=1e-3)
+        losses[where] = run(model, cfg, random_rows(8, 64, 50400, seed=1), torch.device(where), warm=1)["losses"]
+    worst = max(abs(a - b) for a, b in zip(losses["cpu"], losses[device.type]))
+
+    print(f"\ndevice: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; "
+          f"bf16 matmul peak {peak / 1e12:.1f} TFLOP/s; date {time.strftime('%Y-%m-%d')}")
+    print(f"{'run':<44}{'tokens/s':>12}{'MFU':>8}{'peak GiB':>10}")
+    for name, tps, mfu, mem in table:
+        print(f"{name:<44}{tps:>12,.0f}{mfu:>8.1%}{mem:>10.1f}")
+    print(f"{'tiny-gptj fp32 losses, max |cpu - ' + device.type + '|':<44}{worst:>12.2e}"
+          f"{'  OK' if worst < 1e-4 else '  MISMATCH'}")
+
+
+if __name__ == "__main__":
+    main()

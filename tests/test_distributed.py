@@ -1,0 +1,45 @@
+"""Two processes on CPU (gloo) follow the same loss curve as one with the same global batch."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import MNLI_ROWS, write_jsonl
+
+pytestmark = pytest.mark.slow
+
+
+def _run(tmp_path, out, processes, steps):
+    data = tmp_path / "data"
+    if not data.is_dir():
+        data.mkdir()
+        write_jsonl(data / "train.jsonl", MNLI_ROWS * 4)
+        write_jsonl(data / "validation.jsonl", MNLI_ROWS[:2])
+    config = tmp_path / "c.yaml"
+    config.write_text("task: mnli\nmodel:\n  name: tiny-gptj\n")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(processes),
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"] if processes > 1 else \
+        [sys.executable]
+    cmd = launch + ["-m", "t2tune", "train", str(config), f"data.train={data}", f"data.validation={data}",
+                    f"out_dir={out}", f"train.steps={steps}", "train.seq_len=64", "train.micro_batch_size=2",
+                    "train.global_batch_size=8", "train.lr=1e-3", "train.dropout=0.0", "train.threads=1",
+                    "checkpoint.every=2", "eval.limit=2", "eval.max_new_tokens=2"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _losses(events):
+    return [(e["step"], e["loss"]) for e in events if e["event"] == "train"]
+
+
+def test_two_processes_match_one(tmp_path):
+    one = _losses(_run(tmp_path, tmp_path / "one", 1, 4))
+    two_events = _run(tmp_path, tmp_path / "two", 2, 2)
+    assert [e["processes"] for e in two_events if e["event"] == "start"] == [2]
+    two = _losses(_run(tmp_path, tmp_path / "two", 2, 4))  # resumed under 2 processes
+    assert [s for s, _ in two] == [1, 2, 3, 4]  # written once, by the main process
+    for (s1, a), (s2, b) in zip(one, two):
+        assert s1 == s2 and abs(a - b) < 1e-4, (one, two)
