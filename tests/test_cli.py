@@ -174,3 +174,28 @@ def test_corrupt_checkpoint_is_one_line(tmp_path, capsys, victim, expect):
     code, _, err = run_cli(capsys, *args, "train.steps=3")
     assert code == 2 and expect in err and len(err.strip().splitlines()) == 1, err
     assert (tmp_path / "out" / "metrics.jsonl").read_text() == metrics  # nothing lost
+
+
+def test_qlora_without_cuda_stops_at_start(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code, _, err = run_cli(capsys, "train", _config(tmp_path), "train.method=qlora", f"out_dir={tmp_path / 'o'}")
+    assert code == 2 and "needs a CUDA GPU and the bitsandbytes package" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_predict_unlabeled_rows(tmp_path, capsys):
+    rows = [{"premise": r["premise"], "hypothesis": r["hypothesis"]} for r in MNLI_ROWS[:3]]
+    write_jsonl(tmp_path / "in.jsonl", rows)
+    code, out, err = run_cli(capsys, "predict", "tiny-gptj", "--task", "mnli", "--input", str(tmp_path / "in.jsonl"),
+                             "--out", str(tmp_path / "p.jsonl"), "--mode", "score")
+    assert code == 0, err
+    preds = [json.loads(l) for l in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert len(preds) == 3 and all(p["prediction"] in ("entailment", "neutral", "contradiction") for p in preds)
+    assert "label" not in preds[0] and preds[0]["premise"] == rows[0]["premise"]
+    write_jsonl(tmp_path / "ner.jsonl", [{"tokens": ["EU", "rejects", "German", "call"]}])
+    code, out, err = run_cli(capsys, "predict", "tiny-gptj", "--task", "conll2003", "--input",
+                             str(tmp_path / "ner.jsonl"), "--out", str(tmp_path / "n.jsonl"), "--max-new-tokens", "3")
+    assert code == 0, err
+    (pred,) = [json.loads(l) for l in (tmp_path / "n.jsonl").read_text().splitlines()]
+    assert pred["sentence"] == "EU rejects German call" and "generated" in pred

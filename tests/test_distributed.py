@@ -19,7 +19,8 @@ def _run(tmp_path, out, processes, steps):
         write_jsonl(data / "validation.jsonl", MNLI_ROWS[:2])
     config = tmp_path / "c.yaml"
     config.write_text("task: mnli\nmodel:\n  name: tiny-gptj\n")
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(processes),
+    # on a machine without GPUs, --multi_gpu starts CPU processes (gloo); --cpu would start only one
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"] if processes > 1 else \
         [sys.executable]
     cmd = launch + ["-m", "t2tune", "train", str(config), f"data.train={data}", f"data.validation={data}",

@@ -117,3 +117,14 @@ def test_lora_trains_adapters_and_merged_export_matches(tmp_path, mnli_dir):
     adapter = load_model(ModelConfig(name=str(tmp_path / "lora" / "checkpoints" / "step-2")))
     with torch.no_grad():
         assert torch.allclose(adapter.model(ids).logits, trainer.model(ids).logits, atol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_loss(tmp_path, mnli_dir):
+    a = _train(tiny_config(tmp_path / "a", mnli_dir, **{"train.steps": 2, "checkpoint.every": 0}), mnli_dir)
+    b = _train(tiny_config(tmp_path / "b", mnli_dir, **{"train.steps": 2, "checkpoint.every": 0,
+                                                        "train.gradient_checkpointing": True}), mnli_dir)
+    import json
+    la = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [e["loss"] for e in la if e["event"] == "train"] == pytest.approx(
+        [e["loss"] for e in lb if e["event"] == "train"], rel=1e-5)

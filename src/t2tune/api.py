@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -116,13 +117,19 @@ class Trainer:
         if t.dropout is not None:
             set_dropout(model, t.dropout)
         if t.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers 5; the old name goes in v6
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if t.method == "qlora":
             check_qlora_available()
         if t.method in ("lora", "qlora"):
             model = wrap_lora(model, config, self.base_name)
         self.model = model
         self.rows, self.dropped = self._pack(dataset)
+        if self.dropped and self.accelerator.is_main_process:
+            print(f"t2tune: {self.dropped} training examples dropped: truncating "
+                  f"'{self.task.truncate_field}' to fit train.seq_len would cut their answer", file=sys.stderr)
         self.loss_module = self.accelerator.prepare(LossModule(model))
         self.optimizer = self.accelerator.prepare(make_optimizer(self.loss_module, t))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, t))

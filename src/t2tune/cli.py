@@ -76,6 +76,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     task = get_task(cfg.task)
     check_model_name(cfg.model.name)
+    if cfg.train.method == "qlora":
+        from .api import check_qlora_available
+
+        check_qlora_available()
     check_out_dir(cfg, args.overwrite)
     train_src, hub_config, val_src, val_split = data_sources(cfg, task)
     rows = load_examples(task, train_src, cfg.data.train_split, hub_config)

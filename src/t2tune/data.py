@@ -10,6 +10,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +127,17 @@ def resolve_local(source: str, split: str) -> Path | None:
     return None
 
 
+def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    """Whether the hub's name resolves and accepts a TCP connection (skips minutes of retries)."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return False
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def load_hub(dataset_id: str, config: str | None, split: str) -> list[Row]:
     import logging
 
@@ -133,6 +146,8 @@ def load_hub(dataset_id: str, config: str | None, split: str) -> list[Row]:
     # the hub client logs every retry; the one error below says all that matters
     for name in ("huggingface_hub", "datasets"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    if not hub_reachable():
+        os.environ["HF_HUB_OFFLINE"] = "1"  # no network: only a local hub cache can serve it; fail fast
     try:
         ds = datasets.load_dataset(dataset_id, config, split=split)
     except Exception as exc:  # network, auth and missing-dataset errors all end here

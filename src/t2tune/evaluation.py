@@ -25,6 +25,7 @@ import torch
 from .data import public_fields
 from .encoding import encode_prompts
 from .metrics import compute_metrics
+from .models import decoder_and_head
 from .tasks import Task
 
 
@@ -119,20 +120,40 @@ def score_labels(model: Any, tokenizer: Any, prompt_ids: Sequence[list[int]], la
             where.append(spans)
         dtype = next(model.parameters()).dtype if precision != "bf16" else torch.bfloat16
         mask = torch.zeros(allow.shape, dtype=dtype).masked_fill(~allow, torch.finfo(dtype).min)[:, None]
-        with _autocast(precision, device):
-            logits = model(input_ids=ids.to(device), position_ids=pos.to(device), attention_mask=mask.to(device),
-                           use_cache=False).logits
-        logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
+        # token j of a label is predicted at the position before it: the prompt's last token
+        # for j = 0, else the label's own token j - 1
+        rows_, cols, targets = [], [], []
         for row, i in enumerate(batch):
             n = len(prompt_ids[i])
-            totals = []
             for start, cont in where[row]:
-                # token j of the label is predicted at the position before it: the prompt's last
-                # token for j = 0, else the label's own token j - 1
-                before = [n - 1] + list(range(start, start + len(cont) - 1))
-                totals.append(float(sum(logprobs[row, p, t] for p, t in zip(before, cont))))
+                rows_.extend([row] * len(cont))
+                cols.extend([n - 1] + list(range(start, start + len(cont) - 1)))
+                targets.extend(cont)
+        with _autocast(precision, device):
+            logits = _logits_at(model, ids.to(device), pos.to(device), mask.to(device),
+                                torch.tensor(rows_, device=device), torch.tensor(cols, device=device))
+        picked = torch.log_softmax(logits.float(), dim=-1)[torch.arange(len(targets)), torch.tensor(targets)].cpu()
+        offset = 0
+        for row, i in enumerate(batch):
+            totals = []
+            for _, cont in where[row]:
+                totals.append(float(picked[offset:offset + len(cont)].sum()))
+                offset += len(cont)
             scores[i] = totals
     return scores
+
+
+def _logits_at(model: Any, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor,
+               cols: torch.Tensor) -> torch.Tensor:
+    """Output logits at (rows, cols) only: the decoder runs once, the output layer only where a
+    label token is scored ((N, V) instead of (B, T, V))."""
+    split = decoder_and_head(model)
+    if split is None:
+        logits = model(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=False).logits
+        return logits[rows, cols]
+    decoder, head = split
+    hidden = decoder(input_ids=ids, position_ids=pos, attention_mask=mask, use_cache=False)[0]
+    return head(hidden[rows, cols])
 
 
 def evaluate(model: Any, tokenizer: Any, task: Task, rows: Sequence[dict[str, Any]], mode: str = "generate",

@@ -242,3 +242,13 @@ def set_dropout(model: Any, p: float) -> None:
     for key in list(config.to_dict()):
         if key.endswith(("dropout", "pdrop")) and isinstance(getattr(config, key, None), float):
             setattr(config, key, p)
+
+
+def decoder_and_head(model: Any) -> tuple[Any, Any] | None:
+    """(decoder, output layer) of a causal LM (peft-wrapped too), so the output layer can run on
+    selected positions only; None for models that post-process logits (soft-capping, scaling).
+    Looked up at each call, never stored: FSDP replaces submodules in place."""
+    core = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if any(getattr(core.config, k, None) for k in ("final_logit_softcapping", "logit_scale")):
+        return None
+    return core.base_model, core.get_output_embeddings()

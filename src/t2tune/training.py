@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import TrainState
+from .models import decoder_and_head
 from .packing import IGNORE_INDEX, PackedRow, collate
 
 
@@ -34,20 +35,17 @@ class LossModule(torch.nn.Module):
     def __init__(self, model: Any):
         super().__init__()
         self.model = model
-        core = model.get_base_model() if hasattr(model, "get_base_model") else model
-        config = core.config
-        # models that post-process logits (soft-capping, scaling) take the plain path
-        self.fast = not any(getattr(config, k, None) for k in ("final_logit_softcapping", "logit_scale"))
-        self._decoder = core.base_model if self.fast else None
-        self._head = core.get_output_embeddings() if self.fast else None
+        self.fast = decoder_and_head(model) is not None
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         keep = labels != IGNORE_INDEX  # (B, T)
         # position_ids without an attention mask: transformers derives the block-diagonal
         # causal mask of isolated packing from restarts in position_ids
-        if self.fast:
-            hidden = self._decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False)[0]  # (B, T, H)
-            logits = self._head(hidden[keep])  # (N, V)
+        split = decoder_and_head(self.model)
+        if split is not None:
+            decoder, head = split
+            hidden = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False)[0]  # (B, T, H)
+            logits = head(hidden[keep])  # (N, V)
         else:
             logits = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits[keep]
         return F.cross_entropy(logits.float(), labels[keep], reduction="sum")
