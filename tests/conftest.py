@@ -61,3 +61,15 @@ def tiny_config(out_dir: Path, data: Path, **overrides) -> object:
               "eval.max_new_tokens": 3, "eval.batch_size": 4}
     values.update(overrides)
     return build_config(values)
+
+
+def tiny_train_args(tmp_path: Path, copies: int) -> list[str]:
+    """`train CONFIG data.train=... data.validation=...` for a tiny-gptj MNLI run in a subprocess."""
+    data = tmp_path / "data"
+    if not data.is_dir():
+        data.mkdir()
+        write_jsonl(data / "train.jsonl", MNLI_ROWS * copies)
+        write_jsonl(data / "validation.jsonl", MNLI_ROWS[:2])
+    config = tmp_path / "c.yaml"
+    config.write_text("task: mnli\nmodel:\n  name: tiny-gptj\n")
+    return ["train", str(config), f"data.train={data}", f"data.validation={data}"]

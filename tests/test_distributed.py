@@ -6,26 +6,18 @@ import sys
 
 import pytest
 
-from conftest import MNLI_ROWS, write_jsonl
+from conftest import tiny_train_args
 
 pytestmark = pytest.mark.slow
 
 
 def _run(tmp_path, out, processes, steps):
-    data = tmp_path / "data"
-    if not data.is_dir():
-        data.mkdir()
-        write_jsonl(data / "train.jsonl", MNLI_ROWS * 4)
-        write_jsonl(data / "validation.jsonl", MNLI_ROWS[:2])
-    config = tmp_path / "c.yaml"
-    config.write_text("task: mnli\nmodel:\n  name: tiny-gptj\n")
     # on a machine without GPUs, --multi_gpu starts CPU processes (gloo); --cpu would start only one
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"] if processes > 1 else \
         [sys.executable]
-    cmd = launch + ["-m", "t2tune", "train", str(config), f"data.train={data}", f"data.validation={data}",
-                    f"out_dir={out}", f"train.steps={steps}", "train.seq_len=64", "train.micro_batch_size=2",
-                    "train.global_batch_size=8", "train.lr=1e-3", "train.dropout=0.0", "train.threads=1",
+    cmd = launch + ["-m", "t2tune", *tiny_train_args(tmp_path, copies=4), f"out_dir={out}",
+                    f"train.steps={steps}", "train.seq_len=64", "train.micro_batch_size=2", "train.global_batch_size=8", "train.lr=1e-3", "train.dropout=0.0", "train.threads=1",
                     "checkpoint.every=2", "eval.limit=2", "eval.max_new_tokens=2"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

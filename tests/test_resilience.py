@@ -13,23 +13,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import MNLI_ROWS, write_jsonl
+from conftest import tiny_train_args
 
 pytestmark = pytest.mark.slow
 STEPS = 10
 
 
 def _command(tmp_path: Path, out: Path) -> list[str]:
-    data = tmp_path / "data"
-    if not data.is_dir():
-        data.mkdir()
-        write_jsonl(data / "train.jsonl", MNLI_ROWS * 6)
-        write_jsonl(data / "validation.jsonl", MNLI_ROWS[:2])
-    config = tmp_path / "c.yaml"
-    config.write_text("task: mnli\nmodel:\n  name: tiny-gptj\n")
-    return [sys.executable, "-m", "t2tune", "train", str(config), f"data.train={data}", f"data.validation={data}",
-            f"out_dir={out}", f"train.steps={STEPS}", "train.seq_len=64", "train.micro_batch_size=2",
-            "train.global_batch_size=4", "train.lr=1e-3", "train.dropout=0.1", "train.threads=1",
+    return [sys.executable, "-m", "t2tune", *tiny_train_args(tmp_path, copies=6), f"out_dir={out}",
+            f"train.steps={STEPS}", "train.seq_len=64", "train.micro_batch_size=2", "train.global_batch_size=4", "train.lr=1e-3", "train.dropout=0.1", "train.threads=1",
             "checkpoint.every=1", "checkpoint.keep=2", "eval.limit=2", "eval.max_new_tokens=2"]
 
 
