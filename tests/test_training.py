@@ -128,3 +128,28 @@ def test_gradient_checkpointing_gives_the_same_loss(tmp_path, mnli_dir):
     lb = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [e["loss"] for e in la if e["event"] == "train"] == pytest.approx(
         [e["loss"] for e in lb if e["event"] == "train"], rel=1e-5)
+
+
+def test_trainer_api_with_custom_metric_and_postprocess(tmp_path, mnli_dir):
+    """The reference's signature: Trainer(config, pretrained, dataset, eval_dataset, eval_config,
+    tokenizer, metric, postprocess)."""
+    from t2tune.config import EvalConfig
+
+    cfg = tiny_config(tmp_path / "api", mnli_dir, **{"train.steps": 1, "checkpoint.every": 0})
+    task = get_task("mnli")
+    rows = load_examples(task, str(mnli_dir), "train")
+    val = load_examples(task, str(mnli_dir), "validation")
+    seen = []
+
+    def metric(predictions, references):
+        seen.append((list(predictions), list(references)))
+        return {"always_neutral": sum(p == "neutral" for p in predictions) / len(predictions)}
+
+    tiny = load_model(cfg.model)  # not the shared fixture: this trains it
+    trainer = Trainer(cfg, tiny.model, rows, val, EvalConfig(max_new_tokens=2, batch_size=3), tiny.tokenizer,
+                      metric, lambda text: "neutral")
+    result = trainer.evaluate()
+    assert result.metrics == {"always_neutral": 1.0}
+    assert seen[0][1] == [[r["label"]] for r in val]
+    trainer.save_hf_checkpoint(tmp_path / "export")
+    assert (tmp_path / "export" / "config.json").is_file() and (tmp_path / "export" / "README.md").is_file()

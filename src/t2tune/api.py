@@ -97,8 +97,7 @@ class Trainer:
         self.eval_config = eval_config or config.eval
         self.task = task or get_task(config.task)
         if postprocess is not None:
-            base = self.task
-            self.task = dataclasses.replace(base, postprocess=lambda text, eos: postprocess(text))  # type: ignore
+            self.task = dataclasses.replace(self.task, custom_postprocess=postprocess)
         self.metric = metric
         self.tokenizer = tokenizer
         self.eval_dataset = list(eval_dataset or [])

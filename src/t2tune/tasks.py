@@ -44,6 +44,7 @@ class Task:
     prepare: Callable[[dict[str, Any]], dict[str, Any]] | None = None  # adds derived fields
     hub: tuple[str, str | None, str] | None = None  # (dataset id, config, validation split)
     description: str = ""
+    custom_postprocess: Callable[[str], str] | None = None  # replaces the default below (API users)
 
     @property
     def is_label_task(self) -> bool:
@@ -74,6 +75,8 @@ class Task:
 
     def postprocess(self, generated: str, eos: str | None) -> str:
         """Generated text → answer. As the reference: cut at EOS, strip; labels must match exactly."""
+        if self.custom_postprocess is not None:
+            return self.custom_postprocess(generated)
         text = generated.split(eos, 1)[0] if eos else generated
         text = text.strip()
         if self.labels is None:
