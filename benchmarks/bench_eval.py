@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_eval.py [--model smollm2-135m] [--n 512] [--out runs/bench/bench_eval.json]
 
-The baseline is what users would write: batches of 16 in dataset order, left padding,
+t2tune runs at fp32 (as the baseline) and with bf16 autocast. The baseline is what users would write: batches of 16 in dataset order, left padding,
 ``generate(do_sample=False, max_new_tokens=5)``. The CPU's limit for this work is the tokens/s
 of one large batched forward pass of the same model over the same prompts (no padding); each
 mode's "of limit" is its prompt tokens/s divided by that. All in one process, same threads.
@@ -61,12 +61,13 @@ def main() -> None:
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "mnli" / "validation.jsonl"))
     parser.add_argument("--n", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--model-dir", default=None, help="evaluate this model instead (e.g. an out_dir)")
     parser.add_argument("--out", default="runs/bench/bench_eval.json")
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
     task = get_task("mnli")
     rows = load_examples(task, args.data, "validation", limit=args.n)
-    loaded = load_model(ModelConfig(name=args.model))
+    loaded = load_model(ModelConfig(name=args.model_dir or args.model))
     loaded.model.eval()
     prompts = [task.prompt_text(r) for r in rows]
     prompt_ids = loaded.tokenizer(prompts, add_special_tokens=False)["input_ids"]
@@ -77,11 +78,11 @@ def main() -> None:
     baseline = plain_generate_loop(loaded, prompts)
     results["plain generate loop (batch 16)"] = {"seconds": time.perf_counter() - start}
     base_pred = [task.postprocess(t, loaded.eos_text) for t in baseline]
-    for mode in ("generate", "score"):
+    for mode, precision in (("generate", "fp32"), ("score", "fp32"), ("generate", "bf16"), ("score", "bf16")):
         res = evaluate(loaded.model, loaded.tokenizer, task, rows, mode=mode, max_new_tokens=5,
-                       batch_size=args.batch_size, seq_len=512)
+                       batch_size=args.batch_size, seq_len=512, precision=precision)
         preds = [r["prediction"] for r in res.records]
-        results[f"t2tune {mode}"] = {"seconds": res.seconds, "accuracy": res.metrics["accuracy"],
+        results[f"t2tune {mode} {precision}"] = {"seconds": res.seconds, "accuracy": res.metrics["accuracy"],
                                      "agree_with_plain": sum(a == b for a, b in zip(preds, base_pred))}
     limit = forward_limit(loaded, prompt_ids)
     base_s = results["plain generate loop (batch 16)"]["seconds"]
