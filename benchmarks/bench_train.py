@@ -64,7 +64,6 @@ def worker_t2tune(objective: str, steps: int) -> dict:
 
 
 def worker_hf(objective: str, steps: int) -> dict:
-    import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
     from datasets import Dataset
 

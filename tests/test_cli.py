@@ -1,7 +1,6 @@
 """The command line: bad input gives one line and exit code 2; end-to-end runs on real models."""
 
 import json
-import os
 import subprocess
 import sys
 

@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from t2tune.encoding import encode_for_training
 from t2tune.errors import DataError

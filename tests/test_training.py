@@ -1,4 +1,3 @@
-import copy
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from t2tune.data import load_examples
 from t2tune.models import load_model
 from t2tune.packing import Encoded, collate, pack
 from t2tune.tasks import get_task
-from t2tune.training import LossModule, epoch_order, lr_factor, next_global_batch
+from t2tune.training import LossModule, epoch_order, next_global_batch
 from t2tune.checkpoint import TrainState
 
 from conftest import tiny_config
@@ -83,7 +82,7 @@ def test_every_trainable_parameter_changes(tmp_path, mnli_dir):
 def test_train_stop_resume_export_reload(tmp_path, mnli_dir):
     """3 steps uninterrupted vs 2 steps + resume to 3: same weights; export reloads with same logits."""
     straight = _train(tiny_config(tmp_path / "a", mnli_dir, **{"train.steps": 3}), mnli_dir)
-    first = _train(tiny_config(tmp_path / "b", mnli_dir, **{"train.steps": 2}), mnli_dir)
+    _train(tiny_config(tmp_path / "b", mnli_dir, **{"train.steps": 2}), mnli_dir)
     assert [s for s, _ in list_checkpoints(tmp_path / "b")] == [1, 2]
     resumed = _train(tiny_config(tmp_path / "b", mnli_dir, **{"train.steps": 3}), mnli_dir)
     assert resumed.state.optimizer_step == 3
@@ -120,8 +119,8 @@ def test_lora_trains_adapters_and_merged_export_matches(tmp_path, mnli_dir):
 
 
 def test_gradient_checkpointing_gives_the_same_loss(tmp_path, mnli_dir):
-    a = _train(tiny_config(tmp_path / "a", mnli_dir, **{"train.steps": 2, "checkpoint.every": 0}), mnli_dir)
-    b = _train(tiny_config(tmp_path / "b", mnli_dir, **{"train.steps": 2, "checkpoint.every": 0,
+    _train(tiny_config(tmp_path / "a", mnli_dir, **{"train.steps": 2, "checkpoint.every": 0}), mnli_dir)
+    _train(tiny_config(tmp_path / "b", mnli_dir, **{"train.steps": 2, "checkpoint.every": 0,
                                                         "train.gradient_checkpointing": True}), mnli_dir)
     import json
     la = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
