@@ -198,3 +198,15 @@ def test_predict_unlabeled_rows(tmp_path, capsys):
     assert code == 0, err
     (pred,) = [json.loads(l) for l in (tmp_path / "n.jsonl").read_text().splitlines()]
     assert pred["sentence"] == "EU rejects German call" and "generated" in pred
+
+
+def test_hub_data_without_network_says_how_to_pass_local_data(tmp_path, capsys, monkeypatch):
+    """The hub code path is the real one; with the hub unreachable it fails fast with one sentence."""
+    import time
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # no cached copy either
+    start = time.perf_counter()
+    code, _, err = run_cli(capsys, "train", "configs/mnli-smollm2-cpu.yaml", f"out_dir={tmp_path / 'o'}")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "could not load 'nyu-mll/glue' (mnli, split train)" in err and "make demo DATA=" in err
+    assert time.perf_counter() - start < 30

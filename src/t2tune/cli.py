@@ -135,7 +135,11 @@ def cmd_evaluate(args: argparse.Namespace, predict: bool = False) -> int:
 
     task, loaded = _load_for_eval(args)
     source = args.input if predict else args.data
-    rows = load_examples(task, source, args.split, args.hub_config, limit=args.limit, need_target=not predict)
+    split, hub_config = args.split, args.hub_config
+    if task.hub and source == task.hub[0]:  # e.g. nyu-mll/glue: the task knows its config and split
+        hub_config = hub_config or task.hub[1]
+        split = task.hub[2] if split == "validation" else split
+    rows = load_examples(task, source, split, hub_config, limit=args.limit, need_target=not predict)
     if args.threads:
         import torch
 

@@ -141,13 +141,16 @@ def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
 def load_hub(dataset_id: str, config: str | None, split: str) -> list[Row]:
     import logging
 
+    offline = not hub_reachable()
+    if offline:  # no network: only a local hub cache can serve it, so fail fast instead of retrying
+        os.environ["HF_HUB_OFFLINE"] = "1"  # read when datasets / huggingface_hub are first imported
     import datasets
 
+    if offline:  # ...and in case they were imported already
+        datasets.config.HF_HUB_OFFLINE = True
     # the hub client logs every retry; the one error below says all that matters
     for name in ("huggingface_hub", "datasets"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    if not hub_reachable():
-        os.environ["HF_HUB_OFFLINE"] = "1"  # no network: only a local hub cache can serve it; fail fast
     try:
         ds = datasets.load_dataset(dataset_id, config, split=split)
     except Exception as exc:  # network, auth and missing-dataset errors all end here
