@@ -15,7 +15,6 @@ score:    one forward pass per prompt scores every label's whole token sequence 
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -25,7 +24,7 @@ import torch
 from .data import public_fields
 from .encoding import encode_prompts
 from .metrics import compute_metrics
-from .models import decoder_and_head
+from .models import decoder_and_head, precision_context
 from .tasks import Task
 
 
@@ -42,12 +41,6 @@ class EvalResult:
         return {"task": task.name, "n": n, **flat, "invalid": self.metrics.get("invalid", 0),
                 "examples_per_s": round(n / self.seconds, 3) if self.seconds else None, "mode": mode,
                 "seconds": round(self.seconds, 3)}
-
-
-def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def _batches_by_length(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -70,7 +63,7 @@ def generate_texts(model: Any, tokenizer: Any, prompt_ids: Sequence[list[int]], 
             n = len(prompt_ids[i])
             ids[row, width - n:] = torch.tensor(prompt_ids[i])  # left padding
             mask[row, width - n:] = 1
-        with _autocast(precision, device):
+        with precision_context(precision, device):
             generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
                                        max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                                        pad_token_id=pad_id, num_beams=1, temperature=None, top_p=None, top_k=None)
@@ -129,7 +122,7 @@ def score_labels(model: Any, tokenizer: Any, prompt_ids: Sequence[list[int]], la
                 rows_.extend([row] * len(cont))
                 cols.extend([n - 1] + list(range(start, start + len(cont) - 1)))
                 targets.extend(cont)
-        with _autocast(precision, device):
+        with precision_context(precision, device):
             logits = _logits_at(model, ids.to(device), pos.to(device), mask.to(device),
                                 torch.tensor(rows_, device=device), torch.tensor(cols, device=device))
         picked = torch.log_softmax(logits.float(), dim=-1)[torch.arange(len(targets)), torch.tensor(targets)].cpu()

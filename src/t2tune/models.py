@@ -4,6 +4,7 @@ here and nowhere else."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -252,3 +253,10 @@ def decoder_and_head(model: Any) -> tuple[Any, Any] | None:
     if any(getattr(core.config, k, None) for k in ("final_logit_softcapping", "logit_scale")):
         return None
     return core.base_model, core.get_output_embeddings()
+
+
+def precision_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast for ``precision: bf16``; weights' own dtype otherwise (fp32, bf16-weights)."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()

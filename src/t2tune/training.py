@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import TrainState
-from .models import decoder_and_head
+from .models import decoder_and_head, precision_context
 from .packing import IGNORE_INDEX, PackedRow, collate
 
 
@@ -109,12 +109,6 @@ class StepResult:
     grad_norm: float | None
 
 
-def precision_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def train_step(loss_module: Any, accelerator: Any, optimizer: Any, scheduler: Any, rows: Sequence[PackedRow],
                indices: list[int], cfg: Any, pad_id: int) -> StepResult:
     """One optimizer step over this process's share of the global batch."""
@@ -132,11 +126,12 @@ def train_step(loss_module: Any, accelerator: Any, optimizer: Any, scheduler: An
         batch = {k: v.to(device) for k, v in batch.items()}
         # gradients sync on the last micro-batch only
         sync = accelerator.no_sync(loss_module) if index < len(batches) - 1 else contextlib.nullcontext()
-        with sync, precision_context(cfg.precision, device):
-            summed = loss_module(**batch)
-        # DDP averages gradients over processes; scaling by `world` makes the result the
-        # gradient of (sum of token losses over the global batch) / (its label tokens)
-        accelerator.backward(summed * world / label_tokens)
+        with sync:  # the backward too must run inside no_sync, or DDP all-reduces every micro-batch
+            with precision_context(cfg.precision, device):
+                summed = loss_module(**batch)
+            # DDP averages gradients over processes; scaling by `world` makes the result the
+            # gradient of (sum of token losses over the global batch) / (its label tokens)
+            accelerator.backward(summed * world / label_tokens)
         loss_sum += summed.detach()
     grad_norm = None
     if cfg.grad_clip is not None:
