@@ -8,7 +8,7 @@ CONFIG ?= configs/mnli-smollm2-cpu.yaml
 DATA ?=
 ARGS ?=
 
-.PHONY: setup demo test bench-train bench-eval gpu-check clean
+.PHONY: setup demo test bench-train bench-eval bench-quality gpu-check clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,9 @@ bench-train: $(STAMP)
 
 bench-eval: $(STAMP)
 	$(BIN)/python benchmarks/bench_eval.py
+
+bench-quality: $(STAMP)
+	$(BIN)/python benchmarks/bench_quality.py
 
 gpu-check:
 	python3 benchmarks/gpu_check.py

@@ -152,3 +152,12 @@ def test_trainer_api_with_custom_metric_and_postprocess(tmp_path, mnli_dir):
     assert seen[0][1] == [[r["label"]] for r in val]
     trainer.save_hf_checkpoint(tmp_path / "export")
     assert (tmp_path / "export" / "config.json").is_file() and (tmp_path / "export" / "README.md").is_file()
+
+
+def test_max_minutes_stops_and_still_exports(tmp_path, mnli_dir):
+    cfg = tiny_config(tmp_path / "t", mnli_dir, **{"train.steps": 1000, "train.max_minutes": 1e-9,
+                                                   "checkpoint.every": 0})
+    trainer = _train(cfg, mnli_dir)
+    assert trainer.state.optimizer_step == 1  # the first step already passes the limit
+    assert (tmp_path / "t" / "hf" / "config.json").is_file()
+    assert [s for s, _ in list_checkpoints(tmp_path / "t")] == [1]

@@ -207,7 +207,8 @@ class Trainer:
 
         with StopRequest() as stop:
             fit(self.loss_module, self.accelerator, self.optimizer, self.scheduler, self.rows, self.state, t,
-                self.tokenizer.pad_token_id, on_step, should_stop=lambda: stop.signal is not None)
+                self.tokenizer.pad_token_id, on_step,
+                should_stop=lambda: stop.signal is not None or self._out_of_time())
             if stop.signal is not None:
                 self.checkpoint()
                 self.log.write({"event": "stopped", "step": self.state.optimizer_step, "signal": stop.signal})
@@ -244,6 +245,14 @@ class Trainer:
         card = model_card(self.config, self.task, self.base_name, self.state, self.last_eval)
         return export(self.model, self.tokenizer, Path(path), merge=merge, card=card)
 
+    def _out_of_time(self) -> bool:
+        """``train.max_minutes`` reached; decided together so that all processes stop at one step."""
+        limit = self.config.train.max_minutes
+        if limit is None:
+            return False
+        late = torch.tensor(float(self.state.train_seconds >= limit * 60), device=self.accelerator.device)
+        return self.accelerator.reduce(late, reduction="sum").item() > 0
+
     # --- validation during training -------------------------------------------------------
     def _validate(self, bar: Any) -> None:
         if self.accelerator.is_main_process:
@@ -256,6 +265,7 @@ class Trainer:
                 self.state.best = {"step": step, key: value}
             self.last_eval = {**summary, "step": step}
             self.log.write({"event": "eval", "step": step, **summary, "best_step": self.state.best["step"],
+                            "train_seconds": round(self.state.train_seconds, 3),
                             "metrics": result.metrics})
             if bar is not None:
                 bar.write(f"step {step}: {key} {value:.4f} (best {self.state.best[key]:.4f} "

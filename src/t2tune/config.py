@@ -63,6 +63,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     log_every: int = 1  # optimizer steps between metrics.jsonl lines
     threads: int | None = None  # torch intra-op threads; null keeps torch's choice
+    max_minutes: float | None = None  # stop (validate, checkpoint, export) after this much training time
 
 
 @dataclass
@@ -121,7 +122,8 @@ NON_NEGATIVE = ["train.lr", "train.eps", "train.weight_decay", "train.warmup_ste
 # Keys that may change when a run resumes: they do not alter what was already trained.
 RESUME_SAFE = {"train.steps", "checkpoint.every", "checkpoint.keep", "eval.every", "eval.limit",
                "eval.batch_size", "eval.max_new_tokens", "eval.seq_len", "eval.mode",
-               "train.log_every", "train.threads", "data.validation", "data.validation_split"}
+               "train.log_every", "train.threads", "train.max_minutes", "data.validation",
+               "data.validation_split"}
 
 
 def _type_ok(value: Any, tp: Any) -> bool:
@@ -250,6 +252,8 @@ def _check_values(cfg: RunConfig) -> list[str]:
         errors.append(f"train.dropout: must be in [0, 1), got {t.dropout}")
     if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
         errors.append(f"train.betas: must be two numbers in [0, 1), got {t.betas}")
+    if t.max_minutes is not None and t.max_minutes <= 0:
+        errors.append(f"train.max_minutes: must be > 0 or null, got {t.max_minutes}")
     if cfg.eval.limit is not None and cfg.eval.limit <= 0:
         errors.append(f"eval.limit: must be > 0 or null, got {cfg.eval.limit}")
     if not cfg.out_dir:
