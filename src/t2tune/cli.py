@@ -164,11 +164,9 @@ def cmd_evaluate(args: argparse.Namespace, predict: bool = False) -> int:
 # --- export / tasks ------------------------------------------------------------------------
 
 def cmd_export(args: argparse.Namespace) -> int:
-    import yaml
-
     from .card import model_card
     from .checkpoint import TrainState, export
-    from .config import ModelConfig, build_config, _flatten
+    from .config import ModelConfig, load_config
     from .models import load_model
     from .tasks import get_task
 
@@ -179,7 +177,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     card = None
     run_cfg = src.parent.parent / "config.yaml"
     if run_cfg.is_file():
-        cfg = build_config(_flatten(yaml.safe_load(run_cfg.read_text(encoding="utf-8")) or {}))
+        cfg = load_config(run_cfg)
         state_file = src / "state.json"
         state = TrainState.from_dict(json.loads(state_file.read_text(encoding="utf-8"))) if state_file.is_file() \
             else TrainState()
