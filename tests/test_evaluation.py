@@ -67,6 +67,28 @@ def test_score_mode_equals_separate_forward_passes(tiny):
     assert result.metrics["invalid"] == 0
 
 
+@pytest.mark.parametrize("mode", ["generate", "score"])
+def test_bf16_checked_redoes_close_calls_in_fp32(smollm, mode, monkeypatch):
+    """With every call counted as close, bf16-checked is fp32 row for row; with none, it is bf16."""
+    import t2tune.evaluation as ev
+
+    task, rows = get_task("mnli"), _mnli_rows(10)
+    field = "generated" if mode == "generate" else "scores"
+
+    def run(precision):
+        result = evaluate(smollm.model, smollm.tokenizer, task, rows, mode=mode, max_new_tokens=4, batch_size=4,
+                          precision=precision)
+        return [r[field] for r in result.records], result.metrics.get("rechecked_fp32")
+
+    fp32, none = run("fp32")
+    bf16, _ = run("bf16")
+    assert none is None and fp32 != bf16  # the test is blind if the two precisions agree exactly
+    monkeypatch.setattr(ev, "CHECK_MARGIN", float("inf"))
+    assert run("bf16-checked") == (fp32, len(rows))
+    monkeypatch.setattr(ev, "CHECK_MARGIN", 0.0)
+    assert run("bf16-checked") == (bf16, 0)
+
+
 def test_summary_fields(tiny):
     task = get_task("mnli")
     result = evaluate(tiny.model, tiny.tokenizer, task, MNLI_ROWS, max_new_tokens=2, batch_size=4)

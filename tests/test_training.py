@@ -53,6 +53,33 @@ def test_fast_loss_path_equals_full_logits(tiny):
     assert torch.allclose(fast, full, rtol=1e-5)
 
 
+@pytest.mark.parametrize("loss_on", ["all", "target"])
+def test_fused_output_layer_and_loss_match_autograd(tiny, loss_on):
+    """The fused, chunked output layer + cross-entropy gives the loss and every parameter's
+    gradient of the plain expression (GPT-J's output layer has a bias, so that path is covered)."""
+    import t2tune.linear_ce as linear_ce
+
+    rows = pack([Encoded(list(range(300, 340)), 30), Encoded(list(range(500, 520)), 5)], "isolated", 63, loss_on, 0)
+    batch = collate(rows, 0)
+    model = tiny.model
+    params = [p for p in model.parameters() if p.requires_grad]
+    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    plain = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="sum", ignore_index=-100)
+    expected = torch.autograd.grad(plain, params)
+    old = linear_ce.CHUNK_ELEMENTS
+    linear_ce.CHUNK_ELEMENTS = 7 * model.config.vocab_size  # several chunks, the last one ragged
+    try:
+        fused = LossModule(model)(**batch)
+    finally:
+        linear_ce.CHUNK_ELEMENTS = old
+    got = torch.autograd.grad(fused, params)
+    assert model.get_output_embeddings().bias is not None
+    assert torch.allclose(fused, plain, rtol=1e-5)
+    for p, g, e in zip(params, got, expected):  # fp32, only the summation order differs
+        name = [n for n, q in model.named_parameters() if q is p]
+        assert (g - e).abs().max() <= 2e-5 * e.abs().max() + 1e-8, (name, (g - e).abs().max(), e.abs().max())
+
+
 def test_schedule_and_data_order():
     state = TrainState()
     seen = next_global_batch(5, state, 4, seed=1) + next_global_batch(5, state, 4, seed=1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -13,8 +14,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from . import __version__
-from .checkpoint import (TrainState, export, list_checkpoints, load_weights, read_checkpoint, rotate,
-                         set_rng_state, unwrap, write_checkpoint)
+from .checkpoint import (TrainState, engine_dir, export, list_checkpoints, load_weights, read_checkpoint,
+                         rotate, set_rng_state, unwrap, write_checkpoint)
 from .config import EvalConfig, RunConfig, dump_config
 from .encoding import encode_for_training
 from .errors import ConfigError, UserError
@@ -22,6 +23,7 @@ from .evaluation import EvalResult, evaluate
 from .metrics import headline
 from .models import set_dropout
 from .packing import pack
+from .runtime import keep_freed_memory
 from .tasks import Task, get_task
 from .training import LossModule, StopRequest, fit, lr_factor, make_optimizer
 
@@ -93,6 +95,7 @@ class Trainer:
                  task: Task | None = None, base_name: str | None = None, accelerator: Any = None):
         from accelerate import Accelerator
 
+        keep_freed_memory()
         self.config = config
         self.eval_config = eval_config or config.eval
         self.task = task or get_task(config.task)
@@ -151,22 +154,41 @@ class Trainer:
             return False
         step, path = found[-1]
         state, opt, rng = read_checkpoint(path)
-        load_weights(self.model, path / "model")
-        self.optimizer.load_state_dict(opt["optimizer"])
+        if (path / "engine").is_dir():  # sharded model + optimizer, every process reads its part
+            self.accelerator.load_state(str(path / "engine"))
+        elif "optimizer" in opt:
+            load_weights(self.model, path / "model")
+            self.optimizer.load_state_dict(opt["optimizer"])
+        else:
+            raise UserError(f"{path}: optimizer state missing (no optimizer.pt entry, no engine/ folder); "
+                            "delete this checkpoint to resume from an older one")
         self.scheduler.load_state_dict(opt["scheduler"])
         set_rng_state(rng)
         self.state = state
         self.log.trim_after(step)
         return True
 
+    def _sharded(self) -> bool:
+        return self.accelerator.distributed_type.name in ("FSDP", "DEEPSPEED")
+
     def checkpoint(self) -> None:
+        acc, main = self.accelerator, self.accelerator.is_main_process
         model_state = None
-        if self.accelerator.distributed_type.name == "FSDP":
-            model_state = self.accelerator.get_state_dict(self.loss_module)  # collective
+        if self._sharded():  # the full weights, gathered to the main process (collective)
+            model_state = acc.get_state_dict(self.loss_module)
             model_state = {k.removeprefix("model."): v for k, v in model_state.items()}
-        if self.accelerator.is_main_process:
+        engine = None
+        fmt = self.config.checkpoint.format
+        if fmt == "accelerate" or (fmt == "auto" and self._sharded()):
+            engine = engine_dir(self.out_dir, self.state.optimizer_step)
+            if main:
+                shutil.rmtree(engine, ignore_errors=True)  # left by a run killed mid-save
+            acc.wait_for_everyone()
+            acc.save_state(str(engine))  # collective: each process writes its shards
+            acc.wait_for_everyone()
+        if main:
             write_checkpoint(self.out_dir, self.model, self.tokenizer, self.optimizer, self.scheduler, self.state,
-                             model_state)
+                             model_state, engine)
             rotate(self.out_dir, self.config.checkpoint.keep)
         self.accelerator.wait_for_everyone()
 

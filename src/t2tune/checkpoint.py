@@ -130,13 +130,31 @@ def rotate(out_dir: Path, keep: int) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
+def checkpoint_dir(out_dir: Path, step: int) -> Path:
+    return out_dir / "checkpoints" / f"step-{step}"
+
+
+def engine_dir(out_dir: Path, step: int) -> Path:
+    """Where every process writes its part of an engine (accelerate) save: a fixed name, so all
+    processes agree on it; moved into the checkpoint when that is committed."""
+    return out_dir / "checkpoints" / f".step-{step}.engine"
+
+
 def write_checkpoint(out_dir: Path, model: Any, tokenizer: Any, optimizer: Any, scheduler: Any,
-                     state: TrainState, model_state: dict[str, Any] | None = None) -> Path:
-    final = out_dir / "checkpoints" / f"step-{state.optimizer_step}"
+                     state: TrainState, model_state: dict[str, Any] | None = None,
+                     engine_state: Path | None = None) -> Path:
+    """Commit ``step-N/``: HF weights (``model/``), optimizer + scheduler (``optimizer.pt``) or the
+    engine's own save (``engine/``, when ``engine_state`` is given), RNG and train state."""
+    final = checkpoint_dir(out_dir, state.optimizer_step)
     tmp = atomic_dir(final)
     try:
         save_hf(model, tokenizer, tmp / "model", state_dict=model_state)
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+        saved = {"scheduler": scheduler.state_dict()}
+        if engine_state is not None:
+            os.replace(engine_state, tmp / "engine")
+        else:
+            saved["optimizer"] = optimizer.state_dict()
+        torch.save(saved, tmp / "optimizer.pt")
         torch.save(rng_state(), tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps(asdict(state), indent=1), encoding="utf-8")
         commit_dir(tmp, final)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
+from .runtime import keep_freed_memory
 
 EXIT_BAD_INPUT = 2
 
@@ -225,7 +226,8 @@ def _eval_args(p: argparse.ArgumentParser, predict: bool) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--precision", choices=["fp32", "bf16", "bf16-checked"], default="fp32",
+                   help="bf16-checked: bf16, with close calls redone in fp32 (fp32 predictions, most of bf16 speed)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--attn", default="sdpa", help="attention implementation (eager, sdpa)")
     p.add_argument("--trust-remote-code", action="store_true")
@@ -262,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     args = build_parser().parse_args(argv)
+    keep_freed_memory()
     try:
         return args.func(args)
     except UserError as exc:

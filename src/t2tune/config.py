@@ -78,6 +78,10 @@ class LoraConfig:
 class CheckpointConfig:
     every: int = 0  # optimizer steps between checkpoints; 0 = only at the end
     keep: int = 2  # newest complete checkpoints kept
+    # weights + optimizer state: `hf` = one full copy written by the main process;
+    # `accelerate` = the engine's own (sharded) save_state; `auto` = accelerate under FSDP /
+    # DeepSpeed, hf otherwise. Every checkpoint also holds the full HF weights in model/.
+    format: str = "auto"
 
 
 @dataclass
@@ -113,6 +117,7 @@ CHOICES = {
     "train.packing": {"concat", "isolated", "none"},
     "train.method": {"full", "lora", "qlora"},
     "eval.mode": {"generate", "score"},
+    "checkpoint.format": {"auto", "hf", "accelerate"},
 }
 POSITIVE = ["train.steps", "train.seq_len", "train.micro_batch_size", "train.global_batch_size",
             "eval.max_new_tokens", "eval.batch_size", "eval.seq_len", "checkpoint.keep",

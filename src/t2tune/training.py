@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import TrainState
+from .linear_ce import linear_cross_entropy
 from .models import decoder_and_head, precision_context
 from .packing import IGNORE_INDEX, PackedRow, collate
 
@@ -27,9 +28,10 @@ from .packing import IGNORE_INDEX, PackedRow, collate
 class LossModule(torch.nn.Module):
     """Wraps the language model so DDP/FSDP see one forward that returns the summed token loss.
 
-    When every output would be computed and then mostly thrown away (target-only loss), it runs
-    the decoder, keeps the hidden states of positions that carry a label, and applies the output
-    layer to those alone: (B, T, H) → (N, H) → (N, V) instead of (B, T, V).
+    It runs the decoder, keeps the hidden states of positions that carry a label, and applies
+    the output layer to those alone: (B, T, H) → (N, H) → loss, never (B, T, V). With a plain
+    ``nn.Linear`` output layer, the layer and the cross-entropy run fused and chunked
+    (``linear_ce``), so not even the (N, V) logits exist.
     """
 
     def __init__(self, model: Any):
@@ -45,6 +47,9 @@ class LossModule(torch.nn.Module):
         if split is not None:
             decoder, head = split
             hidden = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False)[0]  # (B, T, H)
+            # ZeRO-3 gathers a module's weight only when the module itself is called
+            if type(head) is torch.nn.Linear and not hasattr(head.weight, "ds_id"):
+                return linear_cross_entropy(hidden[keep], head.weight, head.bias, labels[keep])
             logits = head(hidden[keep])  # (N, V)
         else:
             logits = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits[keep]
