@@ -1,6 +1,7 @@
 """Accuracy against training time: the demo config versus the reference's recipe, same budget.
 
     .venv/bin/python benchmarks/bench_quality.py [--minutes 60] [--eval-every 50] [--limit 923]
+        [--arms t2tune,reference]
 
 A: ``t2tune train configs/mnli-smollm2-cpu.yaml`` with ``train.max_minutes`` = the budget.
 B: the reference's recipe through Hugging Face ``Trainer``: all-token loss, examples concatenated
@@ -74,6 +75,7 @@ def run_reference(minutes: float, eval_every: int, limit: int) -> list[tuple[flo
                                   seq_len=256, precision="bf16")
                 model.train()
                 curve.append((self.trained / 60, result.metrics["accuracy"]))
+                print(f"reference: step {state.global_step}, {curve[-1][0]:.1f} min → {curve[-1][1]:.1%}", flush=True)
             control.should_training_stop = done
 
     args = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=8, max_steps=100_000,
@@ -91,11 +93,18 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--limit", type=int, default=923)
     parser.add_argument("--out", default="runs/bench/bench_quality")
+    parser.add_argument("--arms", default="t2tune,reference", help="comma-separated subset of t2tune,reference")
     args = parser.parse_args()
+    arms = set(args.arms.split(","))
+    if not arms or arms - {"t2tune", "reference"}:
+        parser.error(f"--arms: expected t2tune and/or reference, got {args.arms!r}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    curves = {"t2tune demo config": run_t2tune(args.minutes, args.eval_every, args.limit, out / "t2tune"),
-              "reference recipe (HF Trainer)": run_reference(args.minutes, args.eval_every, args.limit)}
+    curves = {}
+    if "t2tune" in arms:
+        curves["t2tune demo config"] = run_t2tune(args.minutes, args.eval_every, args.limit, out / "t2tune")
+    if "reference" in arms:
+        curves["reference recipe (HF Trainer)"] = run_reference(args.minutes, args.eval_every, args.limit)
     for name, curve in curves.items():
         print(f"{name}: " + ", ".join(f"{m:.1f} min → {a:.1%}" for m, a in curve))
     (out / "bench_quality.json").write_text(json.dumps({"minutes": args.minutes, "limit": args.limit,
