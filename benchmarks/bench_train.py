@@ -7,7 +7,8 @@ Same model (bundled SmolLM2-135M), same data (../shared/data/mnli/train.jsonl), 
 ``packing: concat`` is the same layout), micro batch 8, lr 2e-4 constant. Two objectives: all
 tokens, and target tokens only (Trainer: prompt tokens masked to -100). t2tune runs at
 ``precision: bf16`` (autocast), Trainer with ``bf16=True``. Each run is its own process, so
-peak RSS is per run. Tokens/s excludes the first two (warm-up) steps. Also reports achieved
+peak RSS is per run. Tokens/s excludes the first two (warm-up) steps. The two runners draw
+batches in their own shuffled orders, so losses are compared as the mean over all steps. Also reports achieved
 training FLOP/s (6 × parameters × tokens/s) against this CPU's measured bf16 matmul peak.
 Two more rows per objective make the comparison honest: the Trainer with t2tune's allocator
 setting (``t2tune.runtime``), so that lever's share is visible, and t2tune at micro batch 4 with
@@ -62,7 +63,8 @@ def worker_t2tune(objective: str, steps: int, micro: int = MICRO) -> dict:
     tokens = timed[-1]["tokens_seen"] - train[WARM - 1]["tokens_seen"]
     seconds = timed[-1]["train_seconds"] - train[WARM - 1]["train_seconds"]
     n_params = sum(p.numel() for p in loaded.model.parameters())
-    return {"tokens_per_s": tokens / seconds, "final_loss": train[-1]["loss"], "peak_rss_mib": _peak_rss_mib(),
+    return {"tokens_per_s": tokens / seconds, "final_loss": train[-1]["loss"],
+            "mean_loss": sum(e["loss"] for e in train) / len(train), "peak_rss_mib": _peak_rss_mib(),
             "params": n_params}
 
 
@@ -111,7 +113,8 @@ def worker_hf(objective: str, steps: int, malloc: bool = False) -> dict:
             callbacks=[Clock()]).train()
     seconds = stamps[-1] - stamps[WARM - 1]
     tokens = (len(stamps) - WARM) * MICRO * SEQ_LEN
-    return {"tokens_per_s": tokens / seconds, "final_loss": losses[-1], "peak_rss_mib": _peak_rss_mib(),
+    return {"tokens_per_s": tokens / seconds, "final_loss": losses[-1], "mean_loss": sum(losses) / len(losses),
+            "peak_rss_mib": _peak_rss_mib(),
             "params": sum(p.numel() for p in loaded.model.parameters())}
 
 
@@ -160,13 +163,15 @@ def main() -> None:
             result["flops_per_s"] = 6 * result["params"] * result["tokens_per_s"]
             result["fraction_of_bf16_peak"] = result["flops_per_s"] / peak
             table.append(result)
-    print(f"{'objective':<10}{'runner':<22}{'tokens/s':>10}{'ratio':>7}{'final loss':>12}{'peak RSS MiB':>14}"
+    print(f"{'objective':<10}{'runner':<22}{'tokens/s':>10}{'ratio':>7}{'final loss':>12}{'mean loss':>11}"
+          f"{'peak RSS MiB':>14}"
           f"{'of bf16 peak':>14}")
     for row in table:
         base = next(r for r in table if r["objective"] == row["objective"] and r["runner"] == "HF Trainer")
         row["ratio_vs_hf"] = row["tokens_per_s"] / base["tokens_per_s"]
         print(f"{row['objective']:<10}{row['runner']:<22}{row['tokens_per_s']:>10.0f}{row['ratio_vs_hf']:>7.2f}"
-              f"{row['final_loss']:>12.4f}{row['peak_rss_mib']:>14.0f}{row['fraction_of_bf16_peak']:>14.2f}")
+              f"{row['final_loss']:>12.4f}{row['mean_loss']:>11.4f}{row['peak_rss_mib']:>14.0f}"
+              f"{row['fraction_of_bf16_peak']:>14.2f}")
     report = {"benchmark": "bench_train", "steps": args.steps, "seq_len": SEQ_LEN, "micro_batch": MICRO,
               "bf16_matmul_peak_flops": peak, "machine": platform.processor() or platform.machine(),
               "date": time.strftime("%Y-%m-%d"), "rows": table}

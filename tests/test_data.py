@@ -18,7 +18,8 @@ def test_jsonl_csv_tsv_parquet_read_alike(tmp_path):
     write_jsonl(tmp_path / "a.jsonl", rows)
     (tmp_path / "a.csv").write_text('premise,hypothesis,label\np one,h one,neutral\n"p, two","h ""two""",2\n')
     (tmp_path / "a.tsv").write_text('sentence1\tsentence2\tgold_label\np one\th one\tneutral\np, two\th "two"\t2\n')
-    import pyarrow as pa, pyarrow.parquet as pq
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     pq.write_table(pa.table({"premise": ["p one", "p, two"], "hypothesis": ["h one", 'h "two"'],
                              "label": [1, 2]}), tmp_path / "a.parquet")
     for ext in ("jsonl", "csv", "tsv", "parquet"):
@@ -99,7 +100,8 @@ def test_jsonl_round_trip_and_prompt_property(tmp_path_factory, premise, hypothe
 @given(cells=st.lists(st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\n\x00"),
                               min_size=1, max_size=20).filter(lambda s: s.strip()), min_size=2, max_size=2))
 def test_csv_quoting_property(tmp_path_factory, cells):
-    import csv, io
+    import csv
+    import io
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["premise", "hypothesis", "label"])

@@ -89,6 +89,16 @@ def test_bf16_checked_redoes_close_calls_in_fp32(smollm, mode, monkeypatch):
     assert run("bf16-checked") == (bf16, 0)
 
 
+def test_bf16_checked_needs_fp32_weights(tiny):
+    import copy
+
+    from t2tune.errors import ConfigError
+
+    half = copy.deepcopy(tiny.model).to(torch.bfloat16)
+    with pytest.raises(ConfigError, match="bf16-checked"):
+        evaluate(half, tiny.tokenizer, get_task("mnli"), MNLI_ROWS[:2], precision="bf16-checked")
+
+
 def test_summary_fields(tiny):
     task = get_task("mnli")
     result = evaluate(tiny.model, tiny.tokenizer, task, MNLI_ROWS, max_new_tokens=2, batch_size=4)

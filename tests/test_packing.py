@@ -32,7 +32,7 @@ def test_concat_target_only():
 
 def test_isolated_rows():
     assert rows_of("isolated", 9, "all") == [
-        ([1, 2, 3, 4, 9, 5, 6, 9, 0, 0], [0, 1, 2, 3, 4, 0, 1, 2, 0], 
+        ([1, 2, 3, 4, 9, 5, 6, 9, 0, 0], [0, 1, 2, 3, 4, 0, 1, 2, 0],
          [True, True, True, True, False, True, True, False, False]),
     ]
     assert rows_of("isolated", 9, "target")[0][2] == [False, False, True, True, False, False, True, False, False]

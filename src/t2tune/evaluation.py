@@ -28,6 +28,7 @@ import torch
 
 from .data import public_fields
 from .encoding import encode_prompts
+from .errors import ConfigError
 from .metrics import compute_metrics
 from .models import decoder_and_head, precision_context
 from .tasks import Task
@@ -208,10 +209,11 @@ def evaluate(model: Any, tokenizer: Any, task: Task, rows: Sequence[dict[str, An
              precision: str = "fp32", with_metrics: bool = True) -> EvalResult:
     """Predict every row and (when rows have targets) compute the task's metrics."""
     if mode == "score" and not task.is_label_task:
-        from .errors import ConfigError
-
         raise ConfigError(f"eval.mode: score mode needs a label task; '{task.name}' has free-text answers, "
                           "use --mode generate")
+    if precision == "bf16-checked" and next(model.parameters()).dtype != torch.float32:
+        raise ConfigError("precision bf16-checked redoes close calls in fp32, but the model's weights are "
+                          f"{next(model.parameters()).dtype}; load it in float32 or use --precision bf16")
     was_training = model.training
     model.eval()
     start = time.perf_counter()
