@@ -130,10 +130,6 @@ def rotate(out_dir: Path, keep: int) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def checkpoint_dir(out_dir: Path, step: int) -> Path:
-    return out_dir / "checkpoints" / f"step-{step}"
-
-
 def engine_dir(out_dir: Path, step: int) -> Path:
     """Where every process writes its part of an engine (accelerate) save: a fixed name, so all
     processes agree on it; moved into the checkpoint when that is committed."""
@@ -145,7 +141,7 @@ def write_checkpoint(out_dir: Path, model: Any, tokenizer: Any, optimizer: Any, 
                      engine_state: Path | None = None) -> Path:
     """Commit ``step-N/``: HF weights (``model/``), optimizer + scheduler (``optimizer.pt``) or the
     engine's own save (``engine/``, when ``engine_state`` is given), RNG and train state."""
-    final = checkpoint_dir(out_dir, state.optimizer_step)
+    final = out_dir / "checkpoints" / f"step-{state.optimizer_step}"
     tmp = atomic_dir(final)
     try:
         save_hf(model, tokenizer, tmp / "model", state_dict=model_state)

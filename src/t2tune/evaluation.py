@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -95,13 +95,21 @@ def generate_texts(model: Any, tokenizer: Any, prompt_ids: Sequence[list[int]], 
             if tokenizer.eos_token_id in new:  # drop the padding generate adds after EOS
                 new = new[:new.index(tokenizer.eos_token_id) + 1]
             out[i] = tokenizer.decode(new, skip_special_tokens=False)
-    if unsure:
-        redone = generate_texts(model, tokenizer, [prompt_ids[i] for i in unsure], max_new_tokens, batch_size)
-        for i, text in zip(unsure, redone):
-            out[i] = text
-    if stats is not None and checked:
-        stats["rechecked_fp32"] = stats.get("rechecked_fp32", 0) + len(unsure)
+    if checked:
+        _redo_in_fp32(out, unsure, lambda subset: generate_texts(model, tokenizer, subset, max_new_tokens,
+                                                                 batch_size), prompt_ids, stats)
     return out
+
+
+def _redo_in_fp32(results: list[Any], unsure: list[int], run_fp32: Callable[[list[list[int]]], list[Any]],
+                  prompt_ids: Sequence[list[int]], stats: dict[str, int] | None) -> None:
+    """bf16-checked's second pass: replace the close calls' results by an fp32 run over their
+    prompts, and count them in ``stats["rechecked_fp32"]``."""
+    if unsure:
+        for i, value in zip(unsure, run_fp32([prompt_ids[i] for i in unsure])):
+            results[i] = value
+    if stats is not None:
+        stats["rechecked_fp32"] = stats.get("rechecked_fp32", 0) + len(unsure)
 
 
 def _close_calls(generated: Any, width: int, eos_id: int) -> list[int]:
@@ -129,11 +137,8 @@ def score_labels(model: Any, tokenizer: Any, prompt_ids: Sequence[list[int]], la
     if precision == "bf16-checked":
         scores = score_labels(model, tokenizer, prompt_ids, labels, batch_size, "bf16")
         unsure = [i for i, row in enumerate(scores) if len(row) > 1 and _gap(row) < CHECK_MARGIN]
-        redone = score_labels(model, tokenizer, [prompt_ids[i] for i in unsure], labels, batch_size) if unsure else []
-        for i, row in zip(unsure, redone):
-            scores[i] = row
-        if stats is not None:
-            stats["rechecked_fp32"] = stats.get("rechecked_fp32", 0) + len(unsure)
+        _redo_in_fp32(scores, unsure, lambda subset: score_labels(model, tokenizer, subset, labels, batch_size),
+                      prompt_ids, stats)
         return scores
     device = next(model.parameters()).device
     conts = label_token_ids(tokenizer, labels)
@@ -211,9 +216,10 @@ def evaluate(model: Any, tokenizer: Any, task: Task, rows: Sequence[dict[str, An
     if mode == "score" and not task.is_label_task:
         raise ConfigError(f"eval.mode: score mode needs a label task; '{task.name}' has free-text answers, "
                           "use --mode generate")
-    if precision == "bf16-checked" and next(model.parameters()).dtype != torch.float32:
+    weights = next(model.parameters()).dtype
+    if precision == "bf16-checked" and weights != torch.float32:
         raise ConfigError("precision bf16-checked redoes close calls in fp32, but the model's weights are "
-                          f"{next(model.parameters()).dtype}; load it in float32 or use --precision bf16")
+                          f"{weights}; load it in float32 or use --precision bf16")
     was_training = model.training
     model.eval()
     start = time.perf_counter()
