@@ -69,8 +69,8 @@ def worker_t2tune(objective: str, steps: int, micro: int = MICRO) -> dict:
 
 
 def worker_hf(objective: str, steps: int, malloc: bool = False) -> dict:
-    from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
     from datasets import Dataset
+    from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
     sys.path.insert(0, str(ROOT / "src"))
     if malloc:  # what t2tune's allocator setting alone gives the Trainer

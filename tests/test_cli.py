@@ -6,11 +6,10 @@ import sys
 
 import pytest
 import torch
+from conftest import MNLI_ROWS, SHARED_DATA, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from t2tune.cli import main
-
-from conftest import MNLI_ROWS, SHARED_DATA, write_jsonl
 
 
 def run_cli(capsys, *argv):

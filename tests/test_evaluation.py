@@ -2,13 +2,12 @@ import json
 
 import pytest
 import torch
+from conftest import MNLI_ROWS, SHARED_DATA
 
 from t2tune.data import read_jsonl
 from t2tune.evaluation import evaluate, label_token_ids, score_labels
 from t2tune.metrics import entity_metrics, label_metrics, squad_metrics, squad_scores
 from t2tune.tasks import Task, get_task
-
-from conftest import MNLI_ROWS, SHARED_DATA
 
 
 def _plain_generate(loaded, prompts, max_new_tokens=5, batch_size=4):

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import tiny_train_args
+from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 STEPS = 10
@@ -97,3 +96,30 @@ def test_sigterm_writes_checkpoint_and_exits(tmp_path, reference):
     assert stopped and (out / "checkpoints" / f"step-{stopped[0]['step']}").is_dir()
     assert subprocess.run(cmd, capture_output=True).returncode == 0
     _assert_same(_weights(out), reference)
+
+
+def test_rotation_killed_while_deleting_leaves_no_half_checkpoint(tmp_path, monkeypatch):
+    """The CI failure of 2026-11-28: a kill inside rotation's delete left ``step-4`` without its
+    ``state.json``; it was then neither a checkpoint nor ever rotated."""
+    import shutil
+
+    from t2tune import checkpoint
+
+    root = tmp_path / "checkpoints"
+    for step in (4, 6, 7):
+        (root / f"step-{step}" / "model").mkdir(parents=True)
+        (root / f"step-{step}" / "model" / "w.bin").write_bytes(b"x")
+        (root / f"step-{step}" / "state.json").write_text("{}")
+    real_rmtree = shutil.rmtree
+
+    def killed_midway(path, ignore_errors=False):
+        (Path(path) / "state.json").unlink()  # deleted first, then the "kill"
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.rotate(tmp_path, keep=2)
+    assert sorted(p.name for p in root.glob("step-*")) == ["step-6", "step-7"]
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", real_rmtree)
+    checkpoint.rotate(tmp_path, keep=2)
+    assert sorted(p.name for p in root.iterdir()) == ["step-6", "step-7"]

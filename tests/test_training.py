@@ -2,19 +2,17 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_config
 from transformers import AutoModelForCausalLM
 
 from t2tune.api import Trainer
-from t2tune.checkpoint import list_checkpoints
+from t2tune.checkpoint import TrainState, list_checkpoints
 from t2tune.config import ModelConfig
 from t2tune.data import load_examples
 from t2tune.models import load_model
 from t2tune.packing import Encoded, collate, pack
 from t2tune.tasks import get_task
 from t2tune.training import LossModule, epoch_order, next_global_batch
-from t2tune.checkpoint import TrainState
-
-from conftest import tiny_config
 
 
 def _token_losses(model, batch):

@@ -8,14 +8,25 @@ import dataclasses
 import json
 import shutil
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
 from . import __version__
-from .checkpoint import (TrainState, engine_dir, export, list_checkpoints, load_weights, read_checkpoint,
-                         rotate, set_rng_state, unwrap, write_checkpoint)
+from .checkpoint import (
+    TrainState,
+    engine_dir,
+    export,
+    list_checkpoints,
+    load_weights,
+    read_checkpoint,
+    rotate,
+    set_rng_state,
+    unwrap,
+    write_checkpoint,
+)
 from .config import EvalConfig, RunConfig, dump_config
 from .encoding import encode_for_training
 from .errors import ConfigError, UserError

@@ -40,7 +40,7 @@ class TrainState:
     best: dict[str, Any] = field(default_factory=dict)  # {"step", metric: value} of the best validation
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainState":
+    def from_dict(cls, data: dict[str, Any]) -> TrainState:
         return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
 
@@ -124,10 +124,18 @@ def list_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
 
 
 def rotate(out_dir: Path, keep: int) -> None:
+    """Keep the newest ``keep`` checkpoints. Each older one is first renamed to a temporary name,
+    then deleted: a process killed while deleting leaves a ``.step-*`` folder (removed by the next
+    call), never a half-deleted ``step-N`` that would look like a checkpoint or escape rotation."""
+    root = out_dir / "checkpoints"
     for _, path in list_checkpoints(out_dir)[:-keep]:
-        shutil.rmtree(path, ignore_errors=True)
-    for stale in (out_dir / "checkpoints").glob(".step-*"):  # temporary folders of a killed run
-        shutil.rmtree(stale, ignore_errors=True)
+        doomed = path.with_name(f".{path.name}.deleting-{os.getpid()}")
+        os.replace(path, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+    for child in root.iterdir() if root.is_dir() else ():
+        incomplete = STEP_DIR.match(child.name) and not (child / "state.json").is_file()
+        if child.name.startswith(".step-") or incomplete:  # left by a killed run (or older versions)
+            shutil.rmtree(child, ignore_errors=True)
 
 
 def engine_dir(out_dir: Path, step: int) -> Path:

@@ -4,7 +4,8 @@ an example whose answer would be cut away is dropped and counted)."""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from .errors import DataError
 from .packing import Encoded, encode_examples

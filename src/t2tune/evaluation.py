@@ -21,8 +21,9 @@ precision: fp32; bf16 (autocast: about 1.8× faster on an AVX512-BF16 CPU, but a
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -32,7 +33,6 @@ from .errors import ConfigError
 from .metrics import compute_metrics
 from .models import decoder_and_head, precision_context
 from .tasks import Task
-
 
 # bf16 autocast moved the fp32 gap between the top token and any other by at most 0.30 logits
 # (512 MNLI validation prompts, demo model; median 0.16): a decision wider than this margin

@@ -4,7 +4,8 @@ match / F1, and entity-level precision / recall / F1 for NER-as-text."""
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from .tasks import INVALID, Task, normalize_answer, parse_entities
 

@@ -20,8 +20,9 @@ block-diagonal mask from the position ids when a batch is run.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 IGNORE_INDEX = -100
 
