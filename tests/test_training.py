@@ -52,7 +52,7 @@ def test_fast_loss_path_equals_full_logits(tiny):
 
 
 @pytest.mark.parametrize("loss_on", ["all", "target"])
-def test_fused_output_layer_and_loss_match_autograd(tiny, loss_on):
+def test_fused_output_layer_and_loss_match_autograd(tiny, loss_on, monkeypatch):
     """The fused, chunked output layer + cross-entropy gives the loss and every parameter's
     gradient of the plain expression (GPT-J's output layer has a bias, so that path is covered)."""
     import t2tune.linear_ce as linear_ce
@@ -64,12 +64,8 @@ def test_fused_output_layer_and_loss_match_autograd(tiny, loss_on):
     logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
     plain = F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), reduction="sum", ignore_index=-100)
     expected = torch.autograd.grad(plain, params)
-    old = linear_ce.CHUNK_ELEMENTS
-    linear_ce.CHUNK_ELEMENTS = 7 * model.config.vocab_size  # several chunks, the last one ragged
-    try:
-        fused = LossModule(model)(**batch)
-    finally:
-        linear_ce.CHUNK_ELEMENTS = old
+    monkeypatch.setattr(linear_ce, "CHUNK_ELEMENTS", 7 * model.config.vocab_size)  # several chunks, last ragged
+    fused = LossModule(model)(**batch)
     got = torch.autograd.grad(fused, params)
     assert model.get_output_embeddings().bias is not None
     assert torch.allclose(fused, plain, rtol=1e-5)
