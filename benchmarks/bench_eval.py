@@ -27,7 +27,8 @@ sys.path.insert(0, str(ROOT / "src"))
 from t2tune.config import ModelConfig  # noqa: E402
 from t2tune.data import load_examples  # noqa: E402
 from t2tune.evaluation import evaluate  # noqa: E402
-from t2tune.models import load_model, precision_context  # noqa: E402
+from t2tune.loss import precision_context  # noqa: E402
+from t2tune.models import load_model  # noqa: E402
 from t2tune.runtime import keep_freed_memory  # noqa: E402
 from t2tune.tasks import get_task  # noqa: E402
 

@@ -38,31 +38,27 @@ def _peak_rss_mib() -> float:
 
 def worker_t2tune(objective: str, steps: int, micro: int = MICRO) -> dict:
     sys.path.insert(0, str(ROOT / "src"))
-    from t2tune.api import Trainer
+    from t2tune import recipe
     from t2tune.config import build_config
-    from t2tune.data import load_examples
-    from t2tune.models import load_model
-    from t2tune.tasks import get_task
+    from t2tune.runtime import keep_freed_memory
 
+    keep_freed_memory()  # what the t2tune CLI applies
     out = Path(tempfile.mkdtemp())
+    # the whole recipe, as `t2tune train` runs it; no validation rows. Tokens/s comes from the
+    # loop's own clock (train_seconds counts optimizer steps only, not the final checkpoint/export)
     cfg = build_config({"task": "mnli", "out_dir": str(out), "model.name": "smollm2-135m", "train.steps": steps,
                         "train.seq_len": SEQ_LEN, "train.micro_batch_size": micro, "train.global_batch_size": MICRO,
                         "train.lr": LR, "train.precision": "bf16", "train.loss_on": objective,
-                        "train.packing": "concat", "train.dropout": 0.0, "checkpoint.every": 0})
-    task = get_task("mnli")
-    loaded = load_model(cfg.model)
-    rows = load_examples(task, str(DATA), "train")
-    trainer = Trainer(cfg, loaded.model, rows, [], cfg.eval, loaded.tokenizer, task=task)
-    # time the optimizer steps only (no export): run fit through train() but skip checkpoint/export cost
-    trainer.checkpoint = lambda: None
-    trainer.save_hf_checkpoint = lambda path, merge=True: None
-    trainer.train()
+                        "train.packing": "concat", "train.dropout": 0.0, "checkpoint.every": 0,
+                        "data.train": str(DATA), "data.validation": str(DATA), "eval.limit": 1})
+    run = recipe.prepare(cfg, eval_rows=[])  # training speed only: nothing to validate
+    run.train()
     events = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
     train = [e for e in events if e["event"] == "train"]
     timed = train[WARM:]
     tokens = timed[-1]["tokens_seen"] - train[WARM - 1]["tokens_seen"]
     seconds = timed[-1]["train_seconds"] - train[WARM - 1]["train_seconds"]
-    n_params = sum(p.numel() for p in loaded.model.parameters())
+    n_params = sum(p.numel() for p in run.model.parameters())
     return {"tokens_per_s": tokens / seconds, "final_loss": train[-1]["loss"],
             "mean_loss": sum(e["loss"] for e in train) / len(train), "peak_rss_mib": _peak_rss_mib(),
             "params": n_params}

@@ -26,9 +26,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from t2tune.checkpoint import TrainState  # noqa: E402
+from t2tune.loss import LossModule  # noqa: E402
 from t2tune.packing import PackedRow  # noqa: E402
-from t2tune.training import LossModule, fit, lr_factor, make_optimizer  # noqa: E402
+from t2tune.training import Engine, make_optimizer, make_scheduler, train_step  # noqa: E402
 
 
 def train_cfg(**kw):
@@ -64,23 +64,23 @@ def _sync(device: torch.device) -> None:
 
 
 def run(model, cfg, rows, device, warm: int = 2) -> dict:
+    """``cfg.steps`` optimizer steps of t2tune's own train_step over ``rows`` in order."""
     from accelerate import Accelerator
 
     acc = Accelerator(cpu=device.type == "cpu")
     module = acc.prepare(LossModule(model))
     opt = acc.prepare(make_optimizer(module, cfg))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
+    engine = Engine(acc, module, opt, make_scheduler(opt, cfg), pad_id=0)
     times, losses = [], []
-
-    def on_step(result, seconds):
-        _sync(device)
-        times.append(time.perf_counter())
-        losses.append(result.loss)
-
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    fit(module, acc, opt, sched, rows, TrainState(), cfg, 0, on_step)
+    size = cfg.global_batch_size
+    for step in range(cfg.steps):
+        result = train_step(engine, rows[step * size:(step + 1) * size], cfg)
+        _sync(device)
+        times.append(time.perf_counter())
+        losses.append(result.loss)
     tokens = cfg.global_batch_size * (len(rows[0].tokens) - 1) * (len(times) - warm)
     seconds = times[-1] - (times[warm - 1] if warm else start)
     mem = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
@@ -93,8 +93,7 @@ def main() -> None:
     args = parser.parse_args()
     from transformers import GPTJForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    from t2tune.api import wrap_lora
-    from t2tune.models import gptj_6b_config, tiny_gptj_config
+    from t2tune.models import gptj_6b_config, tiny_gptj_config, wrap_lora
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -114,10 +113,10 @@ def main() -> None:
             n_params = sum(p.numel() for p in model.parameters())
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if method == "lora":
-                model = wrap_lora(model, SimpleNamespace(lora=SimpleNamespace(r=8, alpha=16, dropout=0.0,
-                                                                              target_modules=None)), "gptj")
+                model = wrap_lora(model, SimpleNamespace(r=8, alpha=16, dropout=0.0, target_modules=None), "gptj")
             micro = 2 if args.tiny else 8
-            cfg = train_cfg(micro_batch_size=micro, global_batch_size=micro, precision="bf16-weights")
+            # bf16 weights (no autocast needed): what model.dtype=bfloat16 gives
+            cfg = train_cfg(micro_batch_size=micro, global_batch_size=micro, precision="fp32")
             res = run(model, cfg, random_rows(micro * cfg.steps, seq, 50400), device)
             # LoRA skips the frozen weights' gradients: ~4N FLOPs per token instead of 6N
             flops = (4 if method == "lora" else 6) * n_params * res["tokens_per_s"]

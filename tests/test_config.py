@@ -45,3 +45,11 @@ def test_missing_and_bad_yaml(tmp_path):
     bad.write_text("train: [unclosed\n")
     with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
         load_config(bad)
+
+
+def test_precision_split_old_value_names_new_home():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["train.precision=bf16-weights"])
+    assert "train.precision: 'bf16-weights' was split" in str(err.value) and "model.dtype=bfloat16" in str(err.value)
+    cfg = load_config(None, ["eval.precision=bf16-checked"])
+    assert cfg.eval.precision == "bf16-checked"

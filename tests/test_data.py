@@ -5,7 +5,13 @@ from conftest import SHARED_DATA, write_jsonl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from t2tune.data import load_examples, prepare_rows, read_delimited, read_file, read_jsonl
+from t2tune.data import (
+    load_examples,
+    prepare_rows,
+    read_delimited,
+    read_file,
+    read_jsonl,
+)
 from t2tune.errors import DataError
 from t2tune.tasks import get_task
 

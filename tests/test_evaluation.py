@@ -5,9 +5,10 @@ import torch
 from conftest import MNLI_ROWS, SHARED_DATA
 
 from t2tune.data import read_jsonl
-from t2tune.evaluation import evaluate, label_token_ids, score_labels
+from t2tune.evaluation import evaluate, score_labels
 from t2tune.metrics import entity_metrics, label_metrics, squad_metrics, squad_scores
 from t2tune.tasks import Task, get_task
+from t2tune.tokenize import answer_ids
 
 
 def _plain_generate(loaded, prompts, max_new_tokens=5, batch_size=4):
@@ -47,7 +48,7 @@ def test_score_mode_equals_separate_forward_passes(tiny):
     task = Task(name="city", prompt="city: {q} target:", labels=("new york", "new jersey", "boston"))
     tok = tiny.tokenizer
     prompts = [tok(f"city: {q} target:", add_special_tokens=False)["input_ids"] for q in ["a b", "c", "d e f g"]]
-    conts = label_token_ids(tok, task.labels)
+    conts = answer_ids(tok, task.labels)
     assert conts[0][0] == conts[1][0]  # " new" is the first token of two labels
     scores = score_labels(tiny.model, tok, prompts, task.labels, batch_size=2)
     for prompt, got in zip(prompts, scores):

@@ -1,9 +1,9 @@
 import pytest
 
-from t2tune.encoding import encode_for_training
 from t2tune.errors import DataError
-from t2tune.packing import IGNORE_INDEX, Encoded, collate, encode_examples, pack
+from t2tune.packing import IGNORE_INDEX, collate, pack
 from t2tune.tasks import get_task
+from t2tune.tokenize import Encoded, encode_examples, encode_for_training
 
 # two examples: prompt tokens then target tokens (9 = EOS)
 A = Encoded([1, 2, 3, 4, 9], 3)  # prompt 1 2 3, target 4 9
@@ -62,8 +62,8 @@ def test_too_long_is_an_error(tiny):
     task = get_task("mnli")
     row = {"premise": "word " * 100, "hypothesis": "h", "label": "neutral", "_where": "f.jsonl:3"}
     with pytest.raises(DataError, match=r"f.jsonl:3: example is \d+ tokens, longer than a training row"):
-        encode_for_training(task, [row], tiny.tokenizer, tiny.eos_id, 32, truncate=False)
-    (example,), dropped = encode_for_training(task, [row], tiny.tokenizer, tiny.eos_id, 32, truncate=True)
+        encode_for_training(task, [row], tiny.tokenizer, 32, truncate=False)
+    (example,), dropped = encode_for_training(task, [row], tiny.tokenizer, 32, truncate=True)
     assert len(example.ids) == 33 and dropped == 0
     assert tiny.tokenizer.decode(example.ids).endswith("target: neutral<|endoftext|>")
 
@@ -72,7 +72,7 @@ def test_qa_truncation_drops_examples_whose_answer_is_cut(tiny):
     task = get_task("squad")
     near = task.prepare({"question": "q?", "context": "Paris is the answer. " + "filler " * 80, "answers": ["Paris"]})
     far = task.prepare({"question": "q?", "context": "filler " * 80 + "Lyon.", "answers": ["Lyon"]})
-    out, dropped = encode_for_training(task, [near, far], tiny.tokenizer, tiny.eos_id, 40, truncate=True)
+    out, dropped = encode_for_training(task, [near, far], tiny.tokenizer, 40, truncate=True)
     assert dropped == 1 and len(out) == 1 and len(out[0].ids) <= 41
     assert tiny.tokenizer.decode(out[0].ids).endswith("target: Paris<|endoftext|>")
 
@@ -81,7 +81,7 @@ def test_encode_matches_whole_text(tiny):
     """Tokenizing prompt and target apart gives the same ids as the full reference string."""
     task = get_task("mnli")
     row = {"premise": "The cat sat.", "hypothesis": "A cat.", "label": "neutral"}
-    (example,) = encode_examples(tiny.tokenizer, [task.prompt_text(row)], [task.target_text(row)], tiny.eos_id)
+    (example,) = encode_examples(tiny.tokenizer, [task.prompt_text(row)], [task.target_text(row)])
     whole = tiny.tokenizer(task.train_text(row, "<|endoftext|>"), add_special_tokens=False)["input_ids"]
     assert example.ids == whole
 

@@ -118,8 +118,8 @@ def test_rotation_killed_while_deleting_leaves_no_half_checkpoint(tmp_path, monk
 
     monkeypatch.setattr(checkpoint.shutil, "rmtree", killed_midway)
     with pytest.raises(KeyboardInterrupt):
-        checkpoint.rotate(tmp_path, keep=2)
+        checkpoint.RunFolder(tmp_path).rotate(keep=2)
     assert sorted(p.name for p in root.glob("step-*")) == ["step-6", "step-7"]
     monkeypatch.setattr(checkpoint.shutil, "rmtree", real_rmtree)
-    checkpoint.rotate(tmp_path, keep=2)
+    checkpoint.RunFolder(tmp_path).rotate(keep=2)
     assert sorted(p.name for p in root.iterdir()) == ["step-6", "step-7"]

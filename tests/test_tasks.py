@@ -1,7 +1,13 @@
 import pytest
 
 from t2tune.errors import ConfigError
-from t2tune.tasks import INVALID, entities_from_iob2, get_task, parse_entities, render_entities
+from t2tune.tasks import (
+    INVALID,
+    entities_from_iob2,
+    get_task,
+    parse_entities,
+    render_entities,
+)
 
 
 def test_mnli_prompt_is_byte_exact():

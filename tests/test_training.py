@@ -6,13 +6,15 @@ from conftest import tiny_config
 from transformers import AutoModelForCausalLM
 
 from t2tune.api import Trainer
-from t2tune.checkpoint import TrainState, list_checkpoints
+from t2tune.checkpoint import RunFolder
 from t2tune.config import ModelConfig
 from t2tune.data import load_examples
-from t2tune.models import load_model
-from t2tune.packing import Encoded, collate, pack
+from t2tune.loss import LossModule
+from t2tune.models import decoder_and_head, load_model
+from t2tune.packing import collate, pack
 from t2tune.tasks import get_task
-from t2tune.training import LossModule, epoch_order, next_global_batch
+from t2tune.tokenize import Encoded
+from t2tune.training import TrainState, epoch_order, next_global_batch
 
 
 def _token_losses(model, batch):
@@ -43,7 +45,7 @@ def test_fast_loss_path_equals_full_logits(tiny):
     rows = pack([Encoded(list(range(300, 340)), 30), Encoded(list(range(500, 520)), 5)], "isolated", 63, "target", 0)
     batch = collate(rows, 0)
     module = LossModule(tiny.model)
-    assert module.fast
+    assert decoder_and_head(tiny.model) is not None  # the fast path is taken
     with torch.no_grad():
         fast = module(**batch)
         logits = tiny.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
@@ -104,7 +106,7 @@ def test_train_stop_resume_export_reload(tmp_path, mnli_dir):
     """3 steps uninterrupted vs 2 steps + resume to 3: same weights; export reloads with same logits."""
     straight = _train(tiny_config(tmp_path / "a", mnli_dir, **{"train.steps": 3}), mnli_dir)
     _train(tiny_config(tmp_path / "b", mnli_dir, **{"train.steps": 2}), mnli_dir)
-    assert [s for s, _ in list_checkpoints(tmp_path / "b")] == [1, 2]
+    assert [s for s, _ in RunFolder(tmp_path / "b").checkpoints()] == [1, 2]
     resumed = _train(tiny_config(tmp_path / "b", mnli_dir, **{"train.steps": 3}), mnli_dir)
     assert resumed.state.optimizer_step == 3
     for (name, a), (_, b) in zip(straight.model.named_parameters(), resumed.model.named_parameters()):
@@ -181,4 +183,4 @@ def test_max_minutes_stops_and_still_exports(tmp_path, mnli_dir):
     trainer = _train(cfg, mnli_dir)
     assert trainer.state.optimizer_step == 1  # the first step already passes the limit
     assert (tmp_path / "t" / "hf" / "config.json").is_file()
-    assert [s for s, _ in list_checkpoints(tmp_path / "t")] == [1]
+    assert [s for s, _ in RunFolder(tmp_path / "t").checkpoints()] == [1]

@@ -1,12 +1,19 @@
-"""Checkpoints that survive crashes, exact resume state, and Hugging Face export.
+"""The run folder and everything written into it: its layout (one object, :class:`RunFolder`),
+step checkpoints that survive crashes, their rotation, loading them back, and the Hugging Face
+export.
 
-Layout of ``out_dir/checkpoints/step-N/`` (written into a temporary folder, then renamed, so a
-folder named ``step-N`` is always complete)::
+Layout of an ``out_dir`` (no other module spells these names)::
 
-    model/            Hugging Face folder (or a peft adapter folder) + tokenizer
-    optimizer.pt      optimizer and scheduler state     (loaded with weights_only=True)
-    rng.pt            torch RNG state                   (loaded with weights_only=True)
-    state.json        optimizer step, data position, tokens seen, best validation
+    config.yaml             the resolved config
+    metrics.jsonl           one JSON object per event
+    plots/                  PNG curves and matrices
+    hf/                     the Hugging Face export
+    checkpoints/step-N/     one complete checkpoint (written under a temporary name, then renamed):
+        model/              Hugging Face folder (or a peft adapter folder) + tokenizer
+        optimizer.pt        optimizer and scheduler state   (loaded with weights_only=True)
+        engine/             instead of the optimizer entry: accelerate's sharded save_state
+        rng.pt              torch and Python RNG state      (loaded with weights_only=True)
+        state.json          optimizer step, data position, tokens seen, best validation
 """
 
 from __future__ import annotations
@@ -16,44 +23,155 @@ import os
 import random
 import re
 import shutil
-import tempfile
-from dataclasses import asdict, dataclass, field
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .errors import UserError
+from .files import atomic_dir
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
-@dataclass
-class TrainState:
-    """Everything besides tensors that a resume needs."""
+@dataclass(frozen=True)
+class StepFolder:
+    """``checkpoints/step-N/``: where each part of one checkpoint lives."""
 
-    optimizer_step: int = 0
-    epoch: int = 0  # data epochs started
-    row_in_epoch: int = 0  # next row (in this epoch's shuffled order)
-    tokens_seen: int = 0  # real (non-padding) input tokens trained on
-    train_seconds: float = 0.0
-    best: dict[str, Any] = field(default_factory=dict)  # {"step", metric: value} of the best validation
+    path: Path
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainState:
-        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+    @property
+    def model(self) -> Path:
+        return self.path / "model"
+
+    @property
+    def optimizer(self) -> Path:
+        return self.path / "optimizer.pt"
+
+    @property
+    def engine(self) -> Path:
+        return self.path / "engine"
+
+    @property
+    def rng(self) -> Path:
+        return self.path / "rng.pt"
+
+    @property
+    def state(self) -> Path:
+        return self.path / "state.json"
+
+    @property
+    def run(self) -> RunFolder | None:
+        """The run folder this checkpoint belongs to, when it sits in one."""
+        parent = self.path.parent
+        return RunFolder(parent.parent) if parent.name == "checkpoints" else None
 
 
-def unwrap(model: Any) -> Any:
-    """The Hugging Face model inside DDP/FSDP/peft wrappers' outer layers (peft kept)."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model
+@dataclass(frozen=True)
+class RunFolder:
+    """An ``out_dir`` and the paths inside it."""
 
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def plots(self) -> Path:
+        return self.root / "plots"
+
+    @property
+    def export(self) -> Path:
+        return self.root / "hf"
+
+    @property
+    def checkpoints_root(self) -> Path:
+        return self.root / "checkpoints"
+
+    def check_compatible(self, cfg: Any, overwrite: bool) -> Path | None:
+        """Refuse to mix runs: an existing run here must have the same config (up to resume-safe
+        keys). With ``overwrite`` an incompatible run is moved aside (returned), never deleted."""
+        import yaml
+
+        from .config import RESUME_SAFE, config_diff
+
+        aside = None
+        if self.config.is_file():
+            try:
+                old = yaml.safe_load(self.config.read_text(encoding="utf-8")) or {}
+            except yaml.YAMLError:
+                old = {}
+            changed = [k for k in config_diff(old, cfg.to_dict()) if k not in RESUME_SAFE]
+            if changed and not overwrite:
+                raise UserError(f"{self.root} holds a run with a different config ({', '.join(changed)} changed); "
+                                "use another out_dir, or --overwrite to move the old run aside and start afresh")
+            if changed:
+                aside = self.root.with_name(f"{self.root.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+                os.replace(self.root, aside)  # nothing is deleted: the old run stays beside the new one
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / f".write-test-{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as exc:
+            raise UserError(f"out_dir: cannot write to {self.root} ({exc.strerror})") from None
+        return aside
+
+    def step(self, n: int) -> StepFolder:
+        return StepFolder(self.checkpoints_root / f"step-{n}")
+
+    def engine_staging(self, n: int) -> Path:
+        """Where every process writes its part of an engine (accelerate) save: a fixed name, so
+        all processes agree on it; moved into the checkpoint when that is committed."""
+        return self.checkpoints_root / f".step-{n}.engine"
+
+    def checkpoints(self) -> list[tuple[int, StepFolder]]:
+        """Complete checkpoints, oldest first (temporary folders never match ``step-N``)."""
+        if not self.checkpoints_root.is_dir():
+            return []
+        found = []
+        for child in self.checkpoints_root.iterdir():
+            match = STEP_DIR.match(child.name)
+            if match and StepFolder(child).state.is_file():
+                found.append((int(match.group(1)), StepFolder(child)))
+        return sorted(found, key=lambda pair: pair[0])
+
+    def rotate(self, keep: int) -> None:
+        """Keep the newest ``keep`` checkpoints. Each older one is first renamed to a temporary
+        name, then deleted: a process killed while deleting leaves a ``.step-*`` folder (removed
+        by the next call), never a half-deleted ``step-N`` that would look like a checkpoint or
+        escape rotation."""
+        for _, step in self.checkpoints()[:-keep]:
+            doomed = step.path.with_name(f".{step.path.name}.deleting-{os.getpid()}")
+            os.replace(step.path, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+        root = self.checkpoints_root
+        for child in root.iterdir() if root.is_dir() else ():
+            incomplete = STEP_DIR.match(child.name) and not StepFolder(child).state.is_file()
+            if child.name.startswith(".step-") or incomplete:  # left by a killed run (or older versions)
+                shutil.rmtree(child, ignore_errors=True)
+
+
+def weights_folder(path: Path) -> Path:
+    """The Hugging Face folder inside a t2tune output (``out_dir/hf``, ``step-N/model``), or
+    ``path`` itself."""
+    for inner in (RunFolder(path).export, StepFolder(path).model):
+        if (inner / "config.json").is_file() or (inner / "adapter_config.json").is_file():
+            return inner
+    return path
+
+
+# --- writing -------------------------------------------------------------------------------
 
 def save_hf(model: Any, tokenizer: Any, folder: Path, state_dict: dict[str, Any] | None = None) -> None:
-    """save_pretrained for model, tokenizer and generation config, into ``folder`` (must not exist)."""
-    model = unwrap(model)
+    """save_pretrained for model, tokenizer and generation config, into ``folder``."""
     gen = getattr(model, "generation_config", None)
     if gen is not None:
         gen.eos_token_id = tokenizer.eos_token_id
@@ -63,31 +181,6 @@ def save_hf(model: Any, tokenizer: Any, folder: Path, state_dict: dict[str, Any]
     else:
         model.save_pretrained(folder, state_dict=state_dict)
     tokenizer.save_pretrained(folder)
-
-
-def atomic_dir(final: Path) -> Path:
-    """A fresh temporary folder beside ``final``; pass it to :func:`commit_dir` when complete."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-
-
-def commit_dir(tmp: Path, final: Path) -> None:
-    """Replace ``final`` by ``tmp`` with renames only; an old ``final`` is removed after the swap."""
-    _fsync_tree(tmp)
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
 
 
 def rng_state() -> dict[str, Any]:
@@ -110,70 +203,33 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def list_checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints, oldest first (temporary folders never match ``step-N``)."""
-    root = out_dir / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = []
-    for child in root.iterdir():
-        match = STEP_DIR.match(child.name)
-        if match and (child / "state.json").is_file():
-            found.append((int(match.group(1)), child))
-    return sorted(found)
-
-
-def rotate(out_dir: Path, keep: int) -> None:
-    """Keep the newest ``keep`` checkpoints. Each older one is first renamed to a temporary name,
-    then deleted: a process killed while deleting leaves a ``.step-*`` folder (removed by the next
-    call), never a half-deleted ``step-N`` that would look like a checkpoint or escape rotation."""
-    root = out_dir / "checkpoints"
-    for _, path in list_checkpoints(out_dir)[:-keep]:
-        doomed = path.with_name(f".{path.name}.deleting-{os.getpid()}")
-        os.replace(path, doomed)
-        shutil.rmtree(doomed, ignore_errors=True)
-    for child in root.iterdir() if root.is_dir() else ():
-        incomplete = STEP_DIR.match(child.name) and not (child / "state.json").is_file()
-        if child.name.startswith(".step-") or incomplete:  # left by a killed run (or older versions)
-            shutil.rmtree(child, ignore_errors=True)
-
-
-def engine_dir(out_dir: Path, step: int) -> Path:
-    """Where every process writes its part of an engine (accelerate) save: a fixed name, so all
-    processes agree on it; moved into the checkpoint when that is committed."""
-    return out_dir / "checkpoints" / f".step-{step}.engine"
-
-
-def write_checkpoint(out_dir: Path, model: Any, tokenizer: Any, optimizer: Any, scheduler: Any,
-                     state: TrainState, model_state: dict[str, Any] | None = None,
-                     engine_state: Path | None = None) -> Path:
+def write_checkpoint(folder: RunFolder, step: int, model: Any, tokenizer: Any, optimizer: Any, scheduler: Any,
+                     state: dict[str, Any], model_state: dict[str, Any] | None = None,
+                     engine_state: Path | None = None) -> StepFolder:
     """Commit ``step-N/``: HF weights (``model/``), optimizer + scheduler (``optimizer.pt``) or the
     engine's own save (``engine/``, when ``engine_state`` is given), RNG and train state."""
-    final = out_dir / "checkpoints" / f"step-{state.optimizer_step}"
-    tmp = atomic_dir(final)
-    try:
-        save_hf(model, tokenizer, tmp / "model", state_dict=model_state)
+    final = folder.step(step)
+    with atomic_dir(final.path) as tmp:
+        parts = StepFolder(tmp)
+        save_hf(model, tokenizer, parts.model, state_dict=model_state)
         saved = {"scheduler": scheduler.state_dict()}
         if engine_state is not None:
-            os.replace(engine_state, tmp / "engine")
+            os.replace(engine_state, parts.engine)
         else:
             saved["optimizer"] = optimizer.state_dict()
-        torch.save(saved, tmp / "optimizer.pt")
-        torch.save(rng_state(), tmp / "rng.pt")
-        (tmp / "state.json").write_text(json.dumps(asdict(state), indent=1), encoding="utf-8")
-        commit_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        torch.save(saved, parts.optimizer)
+        torch.save(rng_state(), parts.rng)
+        parts.state.write_text(json.dumps(state, indent=1), encoding="utf-8")
     return final
 
+
+# --- reading -------------------------------------------------------------------------------
 
 def load_weights(model: Any, folder: Path) -> None:
     """Load safetensors weights saved by :func:`save_hf` into ``model`` (full model or adapter)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    inner = unwrap(model)
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise UserError(f"{folder}: no .safetensors weights (corrupt checkpoint?)")
@@ -183,14 +239,14 @@ def load_weights(model: Any, folder: Path) -> None:
             weights.update(load_file(path))
         except (SafetensorError, OSError, ValueError) as exc:
             raise UserError(f"{path}: corrupt or truncated safetensors file ({exc})") from None
-    if hasattr(inner, "peft_config"):
+    if hasattr(model, "peft_config"):
         from peft import set_peft_model_state_dict
 
-        set_peft_model_state_dict(inner, weights)
+        set_peft_model_state_dict(model, weights)
         return
-    result = inner.load_state_dict(weights, strict=False)
-    tied = set(getattr(inner, "_tied_weights_keys", None) or [])
-    missing = [k for k in result.missing_keys if k not in tied and not _is_tied(inner, k)]
+    result = model.load_state_dict(weights, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    missing = [k for k in result.missing_keys if k not in tied and not _is_tied(model, k)]
     if missing or result.unexpected_keys:
         raise UserError(f"{folder}: weights do not match the model (missing {missing[:3]}, "
                         f"unexpected {result.unexpected_keys[:3]})")
@@ -202,17 +258,19 @@ def _is_tied(model: Any, key: str) -> bool:
         out.weight is model.get_input_embeddings().weight
 
 
-def read_checkpoint(path: Path) -> tuple[TrainState, dict[str, Any], dict[str, Any]]:
-    """State, optimizer+scheduler state and RNG state of a checkpoint, loaded safely."""
+def read_checkpoint(step: StepFolder) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Train state (a dict), optimizer+scheduler state and RNG state of a checkpoint, loaded safely."""
     try:
-        state = TrainState.from_dict(json.loads((path / "state.json").read_text(encoding="utf-8")))
-        opt = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
-        rng = torch.load(path / "rng.pt", weights_only=True, map_location="cpu")
+        state = json.loads(step.state.read_text(encoding="utf-8"))
+        opt = torch.load(step.optimizer, weights_only=True, map_location="cpu")
+        rng = torch.load(step.rng, weights_only=True, map_location="cpu")
     except (OSError, ValueError, RuntimeError, EOFError) as exc:
-        raise UserError(f"{path}: corrupt or incomplete checkpoint ({str(exc).splitlines()[0][:200]}); "
+        raise UserError(f"{step.path}: corrupt or incomplete checkpoint ({str(exc).splitlines()[0][:200]}); "
                         "delete it to resume from an older one") from None
     return state, opt, rng
 
+
+# --- export --------------------------------------------------------------------------------
 
 def _save_merged(peft_model: Any, tokenizer: Any, folder: Path) -> None:
     """Save base weights with the adapters merged in, leaving the peft model as it was
@@ -228,17 +286,11 @@ def _save_merged(peft_model: Any, tokenizer: Any, folder: Path) -> None:
 
 def export(model: Any, tokenizer: Any, out: Path, merge: bool = True, card: str | None = None) -> Path:
     """Write a Hugging Face folder atomically; peft adapters are merged unless ``merge`` is False."""
-    inner = unwrap(model)
-    tmp = atomic_dir(out)
-    try:
-        if merge and hasattr(inner, "peft_config"):
-            _save_merged(inner, tokenizer, tmp)
+    with atomic_dir(out) as tmp:
+        if merge and hasattr(model, "peft_config"):
+            _save_merged(model, tokenizer, tmp)
         else:
-            save_hf(inner, tokenizer, tmp)
+            save_hf(model, tokenizer, tmp)
         if card is not None:
             (tmp / "README.md").write_text(card, encoding="utf-8")
-        commit_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

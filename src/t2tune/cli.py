@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -14,6 +13,7 @@ from .errors import UserError
 from .runtime import keep_freed_memory
 
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
 
 
 def _warn(msg: str) -> None:
@@ -22,102 +22,38 @@ def _warn(msg: str) -> None:
 
 # --- train ---------------------------------------------------------------------------------
 
-def check_out_dir(cfg: Any, overwrite: bool) -> None:
-    """Refuse to mix runs: an existing out_dir must hold the same config (up to resume-safe keys)."""
-    import yaml
-
-    from .config import RESUME_SAFE, config_diff
-
-    out = Path(cfg.out_dir)
-    saved = out / "config.yaml"
-    if saved.is_file():
-        try:
-            old = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError:
-            old = {}
-        changed = [k for k in config_diff(old, cfg.to_dict()) if k not in RESUME_SAFE]
-        if changed and not overwrite:
-            raise UserError(f"{out} holds a run with a different config ({', '.join(changed)} changed); "
-                            "use another out_dir, or --overwrite to move the old run aside and start afresh")
-        if changed:
-            aside = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-            os.replace(out, aside)  # nothing is deleted: the old run stays beside the new one
-            _warn(f"moved the previous run to {aside}")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise UserError(f"out_dir: cannot write to {out} ({exc.strerror})") from None
-
-
-def data_sources(cfg: Any, task: Any) -> tuple[str, str | None, str, str | None]:
-    """(train source, hub config, validation source, validation split) with the task's hub defaults."""
-    train = cfg.data.train or (task.hub[0] if task.hub else None)
-    if train is None:
-        raise UserError(f"data.train: no training data given and task {task.name} has no hub default")
-    validation = cfg.data.validation or train
-    hub_config = cfg.data.hub_config
-    val_split = cfg.data.validation_split
-    if task.hub and validation == task.hub[0]:
-        hub_config = hub_config or task.hub[1]
-        if val_split == "validation":
-            val_split = task.hub[2]
-    return train, hub_config, validation, val_split
-
-
 def cmd_train(args: argparse.Namespace) -> int:
-    from .api import Trainer
     from .config import load_config
-    from .data import load_examples
-    from .models import check_model_name, load_model
-    from .tasks import get_task
+    from .recipe import train
 
     cfg = load_config(args.config, args.overrides)
-    task = get_task(cfg.task)
-    check_model_name(cfg.model.name)
-    if cfg.train.method == "qlora":
-        from .api import check_qlora_available
+    if cfg.train.threads:
+        import torch
 
-        check_qlora_available()
-    check_out_dir(cfg, args.overwrite)
-    train_src, hub_config, val_src, val_split = data_sources(cfg, task)
-    rows = load_examples(task, train_src, cfg.data.train_split, hub_config)
-    val_rows = load_examples(task, val_src, val_split, hub_config, limit=cfg.eval.limit)
-    loaded = load_model(cfg.model, "bfloat16" if cfg.train.precision == "bf16-weights" else None)
-    trainer = Trainer(cfg, loaded.model, rows, val_rows, cfg.eval, loaded.tokenizer, task=task,
-                      base_name=cfg.model.name)
+        torch.set_num_threads(cfg.train.threads)  # a process setting: the CLI's to make
     start = time.perf_counter()
-    state = trainer.train()
-    if trainer.accelerator.is_main_process:
+    result = train(cfg, overwrite=args.overwrite)
+    if result.stopped == "signal":
+        _warn(f"stopped by signal {result.signal} at step {result.state.optimizer_step}; "
+              "checkpoint written, run the same command to resume")
+        return EXIT_INTERRUPTED
+    if result.main_process:
+        state = result.state
         summary = {"out_dir": cfg.out_dir, "steps": state.optimizer_step, "tokens_seen": state.tokens_seen,
                    "train_seconds": round(state.train_seconds, 1), "wall_seconds": round(time.perf_counter() - start, 1),
-                   "best": state.best, "last_eval": trainer.last_eval, "export": str(Path(cfg.out_dir) / "hf")}
+                   "best": state.best, "last_eval": result.last_eval, "export": str(result.export)}
         print(json.dumps(summary))
     return 0
 
 
 # --- evaluate / predict --------------------------------------------------------------------
 
-def _load_for_eval(args: argparse.Namespace) -> tuple[Any, Any]:
-    from .config import ModelConfig
-    from .models import load_model
-    from .tasks import get_task
-
-    task = get_task(args.task)
-    loaded = load_model(ModelConfig(name=args.model, attn_implementation=args.attn,
-                                    trust_remote_code=args.trust_remote_code))
-    return task, loaded
-
-
 def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as handle:
+    from .files import atomic_file
+
+    with atomic_file(path) as handle:
         for record in records:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def _print_table(summary: dict[str, Any], metrics: dict[str, Any]) -> None:
@@ -131,30 +67,32 @@ def _print_table(summary: dict[str, Any], metrics: dict[str, Any]) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace, predict: bool = False) -> int:
-    from .data import load_examples
+    from .config import EvalConfig, ModelConfig
+    from .data import load_examples, with_hub_defaults
     from .evaluation import evaluate
+    from .models import load_model
+    from .tasks import get_task
 
-    task, loaded = _load_for_eval(args)
+    task = get_task(args.task)
+    loaded = load_model(ModelConfig(name=args.model, attn_implementation=args.attn,
+                                    trust_remote_code=args.trust_remote_code))
     source = args.input if predict else args.data
-    split, hub_config = args.split, args.hub_config
-    if task.hub and source == task.hub[0]:  # e.g. nyu-mll/glue: the task knows its config and split
-        hub_config = hub_config or task.hub[1]
-        split = task.hub[2] if split == "validation" else split
+    split, hub_config = with_hub_defaults(task, source, args.split, args.hub_config)
     rows = load_examples(task, source, split, hub_config, limit=args.limit, need_target=not predict)
     if args.threads:
         import torch
 
-        torch.set_num_threads(args.threads)
-    result = evaluate(loaded.model, loaded.tokenizer, task, rows, mode=args.mode, max_new_tokens=args.max_new_tokens,
-                      batch_size=args.batch_size, seq_len=args.seq_len, precision=args.precision,
-                      with_metrics=not predict)
+        torch.set_num_threads(args.threads)  # a process setting: the CLI's to make
+    config = EvalConfig(mode=args.mode, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                        seq_len=args.seq_len, precision=args.precision)
+    result = evaluate(loaded.model, loaded.tokenizer, task, rows, config, with_metrics=not predict)
     if args.out:
         _write_jsonl(Path(args.out), result.records)
     summary = result.summary(task, args.mode)
     if not predict:
         _print_table(summary, result.metrics)
         if args.plots:
-            from .plots import plot_confusion
+            from .report import plot_confusion
 
             Path(args.plots).mkdir(parents=True, exist_ok=True)
             plot_confusion(result.metrics, Path(args.plots) / "confusion.png")
@@ -165,22 +103,22 @@ def cmd_evaluate(args: argparse.Namespace, predict: bool = False) -> int:
 # --- export / tasks ------------------------------------------------------------------------
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .card import model_card
-    from .checkpoint import TrainState, export
+    from .checkpoint import StepFolder, export
     from .config import ModelConfig, load_config
     from .models import load_model
+    from .report import model_card
     from .tasks import get_task
+    from .training import TrainState
 
-    src = Path(args.checkpoint)
-    if not (src / "model").is_dir() and not (src / "config.json").is_file():
-        raise UserError(f"{src}: not a t2tune checkpoint (expected {src}/model/) or Hugging Face folder")
-    loaded = load_model(ModelConfig(name=str(src)))
+    src = StepFolder(Path(args.checkpoint))
+    if not src.model.is_dir() and not (src.path / "config.json").is_file():
+        raise UserError(f"{src.path}: not a t2tune checkpoint (expected {src.model}/) or Hugging Face folder")
+    loaded = load_model(ModelConfig(name=str(src.path)))
     card = None
-    run_cfg = src.parent.parent / "config.yaml"
-    if run_cfg.is_file():
-        cfg = load_config(run_cfg)
-        state_file = src / "state.json"
-        state = TrainState.from_dict(json.loads(state_file.read_text(encoding="utf-8"))) if state_file.is_file() \
+    run = src.run
+    if run is not None and run.config.is_file():
+        cfg = load_config(run.config)
+        state = TrainState.from_dict(json.loads(src.state.read_text(encoding="utf-8"))) if src.state.is_file() \
             else TrainState()
         card = model_card(cfg, get_task(cfg.task), cfg.model.name, state, {})
     out = export(loaded.model, loaded.tokenizer, Path(args.out), merge=not args.adapter_only, card=card)
@@ -210,6 +148,9 @@ def cmd_models(args: argparse.Namespace) -> int:
 # --- parser --------------------------------------------------------------------------------
 
 def _eval_args(p: argparse.ArgumentParser, predict: bool) -> None:
+    from .config import CHOICES, EvalConfig
+
+    defaults = EvalConfig()
     p.add_argument("model", help="exported folder, step checkpoint, out_dir, hub id, .gguf or alias")
     p.add_argument("--task", required=True, help="built-in task name or task .yaml")
     if predict:
@@ -221,13 +162,14 @@ def _eval_args(p: argparse.ArgumentParser, predict: bool) -> None:
         p.add_argument("--plots", help="folder for the confusion-matrix PNG")
     p.add_argument("--split", default="validation", help="split name for folders and hub datasets")
     p.add_argument("--hub-config", default=None, help="hub dataset configuration (e.g. mnli)")
-    p.add_argument("--mode", choices=["generate", "score"], default="generate")
-    p.add_argument("--max-new-tokens", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--precision", choices=["fp32", "bf16", "bf16-checked"], default="fp32",
-                   help="bf16-checked: bf16, with close calls redone in fp32 (fp32 predictions, most of bf16 speed)")
+    p.add_argument("--mode", choices=sorted(CHOICES["eval.mode"]), default=defaults.mode)
+    p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    p.add_argument("--seq-len", type=int, default=defaults.seq_len)
+    p.add_argument("--limit", type=int, default=defaults.limit)
+    p.add_argument("--precision", choices=sorted(CHOICES["eval.precision"]), default=defaults.precision,
+                   help="eval.precision; bf16-checked: bf16, with close calls redone in fp32 (fp32 predictions, "
+                        "most of bf16 speed)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--attn", default="sdpa", help="attention implementation (eager, sdpa)")
     p.add_argument("--trust-remote-code", action="store_true")
@@ -274,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except KeyboardInterrupt as exc:
         _warn(str(exc) or "interrupted")
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.0  # floor of linear/cosine decay, as a fraction of lr
     dropout: float | None = None  # overrides every dropout probability of the model when set
     grad_clip: float | None = 1.0  # max global gradient norm; null disables
-    precision: str = "fp32"  # fp32 | bf16 (autocast, fp32 weights) | bf16-weights
+    precision: str = "fp32"  # training autocast: fp32 (none: the weights' dtype, model.dtype) | bf16
     seed: int = 42
     loss_on: str = "all"  # all (the reference) | target (answer tokens only)
     packing: str = "concat"  # concat (the reference) | isolated | none
@@ -62,7 +62,7 @@ class TrainConfig:
     method: str = "full"  # full | lora | qlora
     gradient_checkpointing: bool = False
     log_every: int = 1  # optimizer steps between metrics.jsonl lines
-    threads: int | None = None  # torch intra-op threads; null keeps torch's choice
+    threads: int | None = None  # torch intra-op threads, set by the CLI; null keeps torch's choice
     max_minutes: float | None = None  # stop (validate, checkpoint, export) after this much training time
 
 
@@ -92,6 +92,7 @@ class EvalConfig:
     seq_len: int = 512  # prompts longer than this are cut from the left
     limit: int | None = None  # validation rows used; null = all
     mode: str = "generate"  # generate (the reference) | score
+    precision: str = "fp32"  # fp32 | bf16 (autocast) | bf16-checked (bf16, close calls redone in fp32)
 
 
 @dataclass
@@ -112,7 +113,8 @@ class RunConfig:
 CHOICES = {
     "model.dtype": {"float32", "bfloat16", "float16"},
     "train.schedule": {"constant", "linear", "cosine"},
-    "train.precision": {"fp32", "bf16", "bf16-weights"},
+    "train.precision": {"fp32", "bf16"},
+    "eval.precision": {"fp32", "bf16", "bf16-checked"},
     "train.loss_on": {"all", "target"},
     "train.packing": {"concat", "isolated", "none"},
     "train.method": {"full", "lora", "qlora"},
@@ -126,7 +128,7 @@ NON_NEGATIVE = ["train.lr", "train.eps", "train.weight_decay", "train.warmup_ste
                 "checkpoint.every", "eval.every", "train.min_lr_ratio"]
 # Keys that may change when a run resumes: they do not alter what was already trained.
 RESUME_SAFE = {"train.steps", "checkpoint.every", "checkpoint.keep", "eval.every", "eval.limit",
-               "eval.batch_size", "eval.max_new_tokens", "eval.seq_len", "eval.mode",
+               "eval.batch_size", "eval.max_new_tokens", "eval.seq_len", "eval.mode", "eval.precision",
                "train.log_every", "train.threads", "train.max_minutes", "data.validation",
                "data.validation_split"}
 
@@ -238,10 +240,26 @@ def get_key(cfg: RunConfig, key: str) -> Any:
     return obj
 
 
+# Values that moved to another key: the error says where they went.
+MOVED = {("train.precision", "bf16-weights"): "bf16 weights are model.dtype=bfloat16 now "
+                                               "(with train.precision=fp32, or bf16 for autocast)"}
+
+
+def batch_size_problem(t: TrainConfig, processes: int = 1) -> str | None:
+    """Why ``train.global_batch_size`` cannot be split into micro-batches over ``processes``."""
+    if t.micro_batch_size <= 0 or t.global_batch_size % (t.micro_batch_size * processes) == 0:
+        return None
+    split = f"train.micro_batch_size ({t.micro_batch_size})" if processes == 1 else \
+        f"train.micro_batch_size × processes ({t.micro_batch_size} × {processes})"
+    return f"train.global_batch_size: {t.global_batch_size} is not a multiple of {split}"
+
+
 def _check_values(cfg: RunConfig) -> list[str]:
     errors = []
     for key, allowed in CHOICES.items():
-        if get_key(cfg, key) not in allowed:
+        if (key, get_key(cfg, key)) in MOVED:
+            errors.append(f"{key}: {get_key(cfg, key)!r} was split: {MOVED[key, get_key(cfg, key)]}")
+        elif get_key(cfg, key) not in allowed:
             errors.append(f"{key}: must be one of {', '.join(sorted(allowed))}, got {get_key(cfg, key)!r}")
     for key in POSITIVE:
         if get_key(cfg, key) <= 0:
@@ -250,9 +268,9 @@ def _check_values(cfg: RunConfig) -> list[str]:
         if get_key(cfg, key) < 0:
             errors.append(f"{key}: must be >= 0, got {get_key(cfg, key)}")
     t = cfg.train
-    if t.micro_batch_size > 0 and t.global_batch_size % t.micro_batch_size:
-        errors.append(f"train.global_batch_size: {t.global_batch_size} is not a multiple of "
-                      f"train.micro_batch_size ({t.micro_batch_size})")
+    problem = batch_size_problem(t)
+    if problem:
+        errors.append(problem)
     if t.dropout is not None and not 0 <= t.dropout < 1:
         errors.append(f"train.dropout: must be in [0, 1), got {t.dropout}")
     if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
@@ -286,8 +304,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
     return build_config(values)
 
 
-def dump_config(cfg: RunConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
 def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

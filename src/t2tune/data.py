@@ -1,4 +1,5 @@
-"""Reading examples from local files or the Hugging Face hub, and checking every row.
+"""Reading examples from local files or the Hugging Face hub, and checking every row; where
+data comes from when the config does not say (a task's own hub dataset).
 
 Local files (JSONL, CSV, TSV including GLUE's, Parquet) are parsed here rather than through
 ``datasets`` so that every problem can name its file and line: ``train.jsonl:17: ...``.
@@ -7,11 +8,13 @@ Each returned row carries ``_where`` ("file:line") for errors found later (e.g. 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -138,21 +141,35 @@ def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def _offline_hub_if_unreachable() -> Iterator[None]:
+    """Without network only a local hub cache can serve a dataset: switch the hub clients to
+    offline mode for this one load (minutes of retries become a ~2 s failure), then restore them."""
+    import datasets
+    import huggingface_hub.constants as hub_constants
+
+    if hub_reachable():
+        yield
+        return
+    saved = datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE = saved
+
+
 def load_hub(dataset_id: str, config: str | None, split: str) -> list[Row]:
     import logging
 
-    offline = not hub_reachable()
-    if offline:  # no network: only a local hub cache can serve it, so fail fast instead of retrying
-        os.environ["HF_HUB_OFFLINE"] = "1"  # read when datasets / huggingface_hub are first imported
     import datasets
 
-    if offline:  # ...and in case they were imported already
-        datasets.config.HF_HUB_OFFLINE = True
     # the hub client logs every retry; the one error below says all that matters
     for name in ("huggingface_hub", "datasets"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
-        ds = datasets.load_dataset(dataset_id, config, split=split)
+        with _offline_hub_if_unreachable():
+            ds = datasets.load_dataset(dataset_id, config, split=split)
     except Exception as exc:  # network, auth and missing-dataset errors all end here
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise DataError(
@@ -163,6 +180,16 @@ def load_hub(dataset_id: str, config: str | None, split: str) -> list[Row]:
     for number, row in enumerate(rows):
         row["_where"] = f"{dataset_id}[{split}] row {number}"
     return rows
+
+
+def with_hub_defaults(task: Task, source: str, split: str, hub_config: str | None) -> tuple[str, str | None]:
+    """(split, hub config) for ``source``: a task's own hub dataset knows its configuration and
+    validation split (``nyu-mll/glue`` for MNLI: ``mnli``, ``validation_mismatched``)."""
+    if task.hub and source == task.hub[0]:
+        hub_config = hub_config or task.hub[1]
+        if split == "validation":
+            split = task.hub[2]
+    return split, hub_config
 
 
 def load_rows(source: str, split: str, hub_config: str | None = None) -> list[Row]:

@@ -20,6 +20,7 @@ precision: fp32; bf16 (autocast: about 1.8× faster on an AVX512-BF16 CPU, but a
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,12 +28,14 @@ from typing import Any
 
 import torch
 
+from .config import EvalConfig
 from .data import public_fields
-from .encoding import encode_prompts
 from .errors import ConfigError
+from .loss import precision_context
 from .metrics import compute_metrics
-from .models import decoder_and_head, precision_context
+from .models import decoder_and_head
 from .tasks import Task
+from .tokenize import answer_ids, encode_prompts
 
 # bf16 autocast moved the fp32 gap between the top token and any other by at most 0.30 logits
 # (512 MNLI validation prompts, demo model; median 0.16): a decision wider than this margin
@@ -123,12 +126,6 @@ def _close_calls(generated: Any, width: int, eos_id: int) -> list[int]:
     return (margin.min(dim=1).values < CHECK_MARGIN).nonzero().flatten().tolist()
 
 
-def label_token_ids(tokenizer: Any, labels: Sequence[str]) -> list[list[int]]:
-    """Each label as trained: a leading space, the label, EOS."""
-    ids = tokenizer([" " + lab for lab in labels], add_special_tokens=False)["input_ids"]
-    return [seq + [tokenizer.eos_token_id] for seq in ids]
-
-
 @torch.no_grad()
 def score_labels(model: Any, tokenizer: Any, prompt_ids: Sequence[list[int]], labels: Sequence[str],
                  batch_size: int, precision: str = "fp32", stats: dict[str, int] | None = None) -> list[list[float]]:
@@ -141,7 +138,7 @@ def score_labels(model: Any, tokenizer: Any, prompt_ids: Sequence[list[int]], la
                       prompt_ids, stats)
         return scores
     device = next(model.parameters()).device
-    conts = label_token_ids(tokenizer, labels)
+    conts = answer_ids(tokenizer, labels)  # each label as trained
     extra = sum(len(c) for c in conts)
     scores: list[list[float]] = [[] for _ in prompt_ids]
     for batch in _batches_by_length([len(p) for p in prompt_ids], batch_size):
@@ -209,10 +206,14 @@ def _logits_at(model: Any, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Ten
     return head(hidden[rows, cols])
 
 
-def evaluate(model: Any, tokenizer: Any, task: Task, rows: Sequence[dict[str, Any]], mode: str = "generate",
-             max_new_tokens: int = 5, batch_size: int = 32, seq_len: int = 512,
-             precision: str = "fp32", with_metrics: bool = True) -> EvalResult:
-    """Predict every row and (when rows have targets) compute the task's metrics."""
+def evaluate(model: Any, tokenizer: Any, task: Task, rows: Sequence[dict[str, Any]],
+             config: EvalConfig | None = None, with_metrics: bool = True, **settings: Any) -> EvalResult:
+    """Predict every row and (when rows have targets) compute the task's metrics.
+
+    ``config`` (default: ``EvalConfig()``) gives mode, max_new_tokens, batch_size, seq_len and
+    precision; keyword ``settings`` replace single fields of it."""
+    ec = dataclasses.replace(config or EvalConfig(), **settings)
+    mode, precision, max_new_tokens, batch_size = ec.mode, ec.precision, ec.max_new_tokens, ec.batch_size
     if mode == "score" and not task.is_label_task:
         raise ConfigError(f"eval.mode: score mode needs a label task; '{task.name}' has free-text answers, "
                           "use --mode generate")
@@ -223,7 +224,7 @@ def evaluate(model: Any, tokenizer: Any, task: Task, rows: Sequence[dict[str, An
     was_training = model.training
     model.eval()
     start = time.perf_counter()
-    budget = seq_len - (max_new_tokens if mode == "generate" else sum(map(len, label_token_ids(
+    budget = ec.seq_len - (max_new_tokens if mode == "generate" else sum(map(len, answer_ids(
         tokenizer, task.labels or ()))))
     prompt_ids = encode_prompts(tokenizer, [task.prompt_text(r) for r in rows], max(1, budget))
     records = []

@@ -3,11 +3,26 @@ match / F1, and entity-level precision / recall / F1 for NER-as-text."""
 
 from __future__ import annotations
 
+import re
+import string
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from .tasks import INVALID, Task, normalize_answer, parse_entities
+from .tasks import INVALID, Task, parse_entities
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = set(string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD v1.1 normalisation: lower case, drop punctuation and articles, squeeze whitespace.
+
+    >>> normalize_answer("The  Denver Broncos!")
+    'denver broncos'
+    """
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCT)
+    return " ".join(_ARTICLES.sub(" ", text).split())
 
 
 def label_metrics(task: Task, predictions: Sequence[str], golds: Sequence[str]) -> dict[str, Any]:

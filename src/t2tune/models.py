@@ -1,23 +1,24 @@
-"""Resolving ``model.name`` to a (model, tokenizer) pair: hub ids, local folders, GGUF files,
-t2tune outputs, and aliases. Tokenizer quirks (GPT-J's pad token and 50400-id vocabulary) live
-here and nowhere else."""
+"""Models: resolving ``model.name`` to a (model, tokenizer) pair (hub ids, local folders, GGUF
+files, t2tune outputs, aliases), and the switches that prepare a model for training (dropout,
+gradient checkpointing, LoRA / QLoRA). Tokenizer quirks (GPT-J's pad token and 50400-id
+vocabulary) live here and nowhere else."""
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .checkpoint import weights_folder
 from .errors import UserError
+from .files import atomic_dir
 
 GPTJ_HUB_ID = "EleutherAI/gpt-j-6B"
 GPTJ_VOCAB = 50400  # the model's embedding rows: 50257 BPE tokens + 143 <|extratoken_N|>
@@ -35,19 +36,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class Loaded:
     model: Any
     tokenizer: Any
-    source: str  # what was loaded, for logs and the model card
-
-    @property
-    def eos_id(self) -> int:
-        return self.tokenizer.eos_token_id
 
     @property
     def eos_text(self) -> str:
         return self.tokenizer.eos_token
-
-    @property
-    def pad_id(self) -> int:
-        return self.tokenizer.pad_token_id
 
 
 def _package_dir(name: str) -> Path | None:
@@ -132,14 +124,9 @@ def gguf_as_folder(gguf: Path, cfg: Any) -> Path:
         return folder
     loaded = _from_pretrained(str(gguf.parent), cfg, torch.float32, gguf_file=gguf.name)
     detach_gguf_quantizer(loaded.model)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
-    loaded.model.save_pretrained(tmp)
-    loaded.tokenizer.save_pretrained(tmp)
-    try:
-        os.replace(tmp, folder)  # atomic: a crash never leaves a half-written cache entry
-    except OSError:  # another process won the race
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_dir(folder, replace=False) as tmp:  # a process that got there first wins
+        loaded.model.save_pretrained(tmp)
+        loaded.tokenizer.save_pretrained(tmp)
     return folder
 
 
@@ -154,18 +141,13 @@ def _from_pretrained(where: str, cfg: Any, dtype: torch.dtype, **kw: Any) -> Loa
     except OSError as exc:
         first = str(exc).splitlines()[0][:300]
         raise UserError(f"model.name: cannot load '{cfg.name}': {first}") from None
-    return Loaded(model, tokenizer, where)
+    return Loaded(model, tokenizer)
 
 
 def resolve_path(name: str) -> Path | None:
     """A local model path, looking inside t2tune outputs (out_dir/hf, checkpoints/step-N/model)."""
     path = Path(name).expanduser()
-    if not path.exists():
-        return None
-    for inner in (path / "hf", path / "model"):
-        if (inner / "config.json").is_file() or (inner / "adapter_config.json").is_file():
-            return inner
-    return path
+    return weights_folder(path) if path.exists() else None
 
 
 def quiet_transformers() -> None:
@@ -184,9 +166,9 @@ def check_model_name(name: str) -> None:
             raise UserError(f"model.name: path {name} does not exist")
 
 
-def load_model(cfg: Any, dtype: str | None = None) -> Loaded:
+def load_model(cfg: Any) -> Loaded:
     """Load per a ModelConfig (name, revision, dtype, attn_implementation, trust_remote_code)."""
-    torch_dtype = DTYPES[dtype or cfg.dtype]
+    torch_dtype = DTYPES[cfg.dtype]
     name = cfg.name
     quiet_transformers()
     if name == "tiny-gptj":
@@ -197,7 +179,7 @@ def load_model(cfg: Any, dtype: str | None = None) -> Loaded:
             config = tiny_gptj_config()
             config._attn_implementation = cfg.attn_implementation
             model = GPTJForCausalLM(config).to(torch_dtype)
-        return Loaded(model, gptj_tokenizer(), "tiny-gptj")
+        return Loaded(model, gptj_tokenizer())
     if name == "gpt-j-6b":
         name = GPTJ_HUB_ID
     if name == "smollm2-135m" or name.endswith(".gguf"):
@@ -205,7 +187,6 @@ def load_model(cfg: Any, dtype: str | None = None) -> Loaded:
         if not gguf.is_file():
             raise UserError(f"model.name: GGUF file {gguf} not found")
         loaded = _from_pretrained(str(gguf_as_folder(gguf, cfg)), cfg, torch_dtype)
-        loaded.source = name
     else:
         check_model_name(name)
         path = resolve_path(name)
@@ -225,11 +206,9 @@ def _load_adapter(path: Path, cfg: Any, dtype: torch.dtype) -> Loaded:
     base_name = meta.get("base_model_name_or_path")
     if not base_name:
         raise UserError(f"{path}/adapter_config.json: no base_model_name_or_path")
-    base = load_model(type(cfg)(name=base_name, revision=None, dtype=cfg.dtype,
-                                attn_implementation=cfg.attn_implementation,
-                                trust_remote_code=cfg.trust_remote_code), None)
+    base = load_model(dataclasses.replace(cfg, name=base_name, revision=None))
     model = PeftModel.from_pretrained(base.model, str(path))
-    return Loaded(model, base.tokenizer, str(path))
+    return Loaded(model, base.tokenizer)
 
 
 def set_dropout(model: Any, p: float) -> None:
@@ -255,8 +234,49 @@ def decoder_and_head(model: Any) -> tuple[Any, Any] | None:
     return core.base_model, core.get_output_embeddings()
 
 
-def precision_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast for ``precision: bf16``; weights' own dtype otherwise (fp32, bf16-weights)."""
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+# --- preparing a model for training --------------------------------------------------------
+
+LORA_TARGETS = {
+    "gptj": ["q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+
+
+def wrap_lora(model: Any, lora_cfg: Any, base_name: str) -> Any:
+    """A peft LoRA model over ``model``; targets default per architecture (``LORA_TARGETS``)."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = lora_cfg.target_modules or LORA_TARGETS.get(model.config.model_type, "all-linear")
+    lora = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
+                      target_modules=targets, task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora)
+    model.peft_config["default"].base_model_name_or_path = base_name  # how t2tune reloads the base
+    return model
+
+
+def check_qlora_available() -> None:
+    """QLoRA's preflight, run before anything slow starts."""
+    if not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError("train.method=qlora needs a CUDA GPU and the bitsandbytes package; "
+                        "use train.method=lora on this machine")
+
+
+def enable_gradient_checkpointing(model: Any) -> None:
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5; the old name goes in v6
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def prepare_for_training(model: Any, train_cfg: Any, lora_cfg: Any, base_name: str) -> Any:
+    """Apply ``train.dropout``, ``train.gradient_checkpointing`` and ``train.method``; returns the
+    model to train (a peft model for LoRA / QLoRA)."""
+    if train_cfg.dropout is not None:
+        set_dropout(model, train_cfg.dropout)
+    if train_cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    if train_cfg.method == "qlora":
+        check_qlora_available()
+    if train_cfg.method in ("lora", "qlora"):
+        model = wrap_lora(model, lora_cfg, base_name)
+    return model

@@ -1,4 +1,5 @@
-"""Tokenize prompts and pack them into fixed training rows, as pure functions over token lists.
+"""Packing tokenized examples into fixed training rows, and rows into batches: pure functions
+over token lists.
 
 A row holds ``seq_len + 1`` tokens. The label shift is defined here and nowhere else:
 input position ``t`` (``row[:-1][t]``) predicts token ``row[t + 1]`` (``labels = row[1:]``).
@@ -24,15 +25,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .tokenize import Encoded
+
 IGNORE_INDEX = -100
-
-
-@dataclass
-class Encoded:
-    """One tokenized example: prompt tokens then target tokens (the target ends with EOS)."""
-
-    ids: list[int]
-    n_prompt: int
 
 
 @dataclass
@@ -45,18 +40,6 @@ class PackedRow:
     def __post_init__(self) -> None:
         if not self.real:
             self.real = len(self.tokens) - 1
-
-
-def encode_examples(tokenizer: Any, prompts: Sequence[str], targets: Sequence[str],
-                    eos_id: int) -> list[Encoded]:
-    """Batched fast tokenization; the target gets a leading space and the EOS id.
-
-    Prompt and target are tokenized apart so that the prompt's tokens are exactly those the
-    model sees at validation, and the prompt/target border is known for target-only loss.
-    """
-    prompt_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-    target_ids = tokenizer([" " + t for t in targets], add_special_tokens=False)["input_ids"]
-    return [Encoded(p + t + [eos_id], len(p)) for p, t in zip(prompt_ids, target_ids)]
 
 
 def _labels_count(example: Encoded, loss_on: str) -> list[bool]:

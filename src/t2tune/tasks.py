@@ -1,7 +1,7 @@
 """Tasks: how a data row becomes a prompt and a target, and how generated text becomes an answer.
 
-A training example is ``prompt + " " + target + EOS``; a validation prompt stops after the
-prompt (which ends with ``target:``). For MNLI and GPT-J this is byte for byte the reference:
+A training example is ``prompt + answer_text(target) + EOS``, the answer being a space and the
+target; a validation prompt stops after the prompt (which ends with ``target:``). For MNLI and GPT-J this is byte for byte the reference:
 
     >>> t = get_task("mnli")
     >>> row = {"hypothesis": "H.", "premise": "P.", "label": "neutral"}
@@ -18,7 +18,6 @@ text with references. Both share one path through data, packing, training and ev
 from __future__ import annotations
 
 import re
-import string
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,12 @@ from .errors import ConfigError
 
 INVALID = "invalid"
 PLACEHOLDER = re.compile(r"{(\w+)}")
+
+
+def answer_text(target: str) -> str:
+    """What follows a prompt in training, and what scoring appends: a space, then the target
+    (EOS comes after it, as text here or as the tokenizer's id in :mod:`t2tune.tokenize`)."""
+    return " " + target
 
 
 @dataclass(frozen=True)
@@ -66,7 +71,7 @@ class Task:
         return self.target.format(**row)
 
     def train_text(self, row: dict[str, Any], eos: str) -> str:
-        return f"{self.prompt_text(row)} {self.target_text(row)}{eos}"
+        return self.prompt_text(row) + answer_text(self.target_text(row)) + eos
 
     def references(self, row: dict[str, Any]) -> list[str]:
         """Acceptable answers for a row: the gold label, or every reference answer."""
@@ -229,19 +234,3 @@ def get_task(name_or_path: str) -> Task:
         return load_task_file(path)
     raise ConfigError(f"task: unknown task '{name_or_path}'; built-in tasks are {', '.join(BUILTIN)}, "
                       "or give the path of a task .yaml file")
-
-
-# --- answer normalisation shared by the free-text metrics ----------------------------------
-
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCT = set(string.punctuation)
-
-
-def normalize_answer(text: str) -> str:
-    """SQuAD v1.1 normalisation: lower case, drop punctuation and articles, squeeze whitespace.
-
-    >>> normalize_answer("The  Denver Broncos!")
-    'denver broncos'
-    """
-    text = "".join(ch for ch in text.lower() if ch not in _PUNCT)
-    return " ".join(_ARTICLES.sub(" ", text).split())

@@ -1,4 +1,7 @@
-"""The training loop: one explicit ``fit`` over packed rows, on accelerate.
+"""Training building blocks: the state a resume needs, the optimizer and learning-rate
+schedule, the data order, one optimizer step, and when the loop logs, validates, checkpoints
+and stops (:class:`Schedule`, pure). The loop itself reads top to bottom in
+:func:`t2tune.recipe.fit`.
 
 Counters say what they count: ``micro_step`` is one forward/backward of ``micro_batch_size``
 rows on one process; ``optimizer_step`` is one update of ``global_batch_size`` rows summed over
@@ -12,52 +15,37 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from .checkpoint import TrainState
-from .linear_ce import linear_cross_entropy
-from .models import decoder_and_head, precision_context
+from .config import TrainConfig
+from .loss import precision_context
 from .packing import IGNORE_INDEX, PackedRow, collate
 
 
-class LossModule(torch.nn.Module):
-    """Wraps the language model so DDP/FSDP see one forward that returns the summed token loss.
+@dataclass
+class TrainState:
+    """Everything besides tensors that a resume needs."""
 
-    It runs the decoder, keeps the hidden states of positions that carry a label, and applies
-    the output layer to those alone: (B, T, H) → (N, H) → loss, never (B, T, V). With a plain
-    ``nn.Linear`` output layer, the layer and the cross-entropy run fused and chunked
-    (``linear_ce``), so not even the (N, V) logits exist.
-    """
+    optimizer_step: int = 0
+    epoch: int = 0  # data epochs started
+    row_in_epoch: int = 0  # next row (in this epoch's shuffled order)
+    tokens_seen: int = 0  # real (non-padding) input tokens trained on
+    train_seconds: float = 0.0
+    best: dict[str, Any] = field(default_factory=dict)  # {"step", metric: value} of the best validation
 
-    def __init__(self, model: Any):
-        super().__init__()
-        self.model = model
-        self.fast = decoder_and_head(model) is not None
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainState:
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        keep = labels != IGNORE_INDEX  # (B, T)
-        # position_ids without an attention mask: transformers derives the block-diagonal
-        # causal mask of isolated packing from restarts in position_ids
-        split = decoder_and_head(self.model)
-        if split is not None:
-            decoder, head = split
-            hidden = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False)[0]  # (B, T, H)
-            # ZeRO-3 gathers a module's weight only when the module itself is called
-            if type(head) is torch.nn.Linear and not hasattr(head.weight, "ds_id"):
-                return linear_cross_entropy(hidden[keep], head.weight, head.bias, labels[keep])
-            logits = head(hidden[keep])  # (N, V)
-        else:
-            logits = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits[keep]
-        return F.cross_entropy(logits.float(), labels[keep], reduction="sum")
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
-def make_optimizer(model: torch.nn.Module, cfg: Any) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW; weight decay skips biases and norm weights (every parameter with fewer than 2 dims)."""
     decay, no_decay = [], []
     for param in model.parameters():
@@ -67,8 +55,12 @@ def make_optimizer(model: torch.nn.Module, cfg: Any) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
 
-def lr_factor(step: int, cfg: Any) -> float:
+def lr_factor(step: int, cfg: TrainConfig) -> float:
     """Multiplier of ``cfg.lr`` at optimizer step ``step`` (0-based): linear warmup, then the schedule.
+
+    Written here rather than taken from transformers' ``get_scheduler``: its warmup gives the
+    first step a learning rate of 0 (a wasted step), this one ``lr / warmup_steps``, and its
+    linear decay has no floor; the numbers of every run so far come from this function.
 
     >>> from types import SimpleNamespace as N
     >>> c = N(warmup_steps=2, steps=6, schedule="linear", min_lr_ratio=0.0)
@@ -94,6 +86,10 @@ def epoch_order(n_rows: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n_rows, generator=gen).tolist()
 
 
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+
+
 def next_global_batch(n_rows: int, state: TrainState, size: int, seed: int) -> list[int]:
     """Row indices of the next optimizer step, advancing ``state`` (wraps into new epochs)."""
     picked: list[int] = []
@@ -115,38 +111,74 @@ class StepResult:
     grad_norm: float | None
 
 
-def train_step(loss_module: Any, accelerator: Any, optimizer: Any, scheduler: Any, rows: Sequence[PackedRow],
-               indices: list[int], cfg: Any, pad_id: int) -> StepResult:
-    """One optimizer step over this process's share of the global batch."""
-    world, rank = accelerator.num_processes, accelerator.process_index
-    mine = indices[rank::world]
+@dataclass
+class Engine:
+    """What one optimizer step runs on, as accelerate prepared it."""
+
+    accelerator: Any
+    loss_module: Any  # LossModule, wrapped by DDP / FSDP / DeepSpeed
+    optimizer: Any
+    scheduler: Any
+    pad_id: int
+
+
+def train_step(engine: Engine, batch: Sequence[PackedRow], cfg: TrainConfig) -> StepResult:
+    """One optimizer step over this process's share of the global ``batch``."""
+    acc = engine.accelerator
+    world, rank = acc.num_processes, acc.process_index
+    mine = list(batch[rank::world])
     micro = cfg.micro_batch_size
-    batches = [collate([rows[i] for i in mine[s:s + micro]], pad_id) for s in range(0, len(mine), micro)]
-    device = accelerator.device
+    batches = [collate(mine[s:s + micro], engine.pad_id) for s in range(0, len(mine), micro)]
+    device = acc.device
     counts = torch.tensor([float(sum((b["labels"] != IGNORE_INDEX).sum().item() for b in batches)),
-                           float(sum(rows[i].real for i in mine))], device=device)
-    counts = accelerator.reduce(counts, reduction="sum")
+                           float(sum(row.real for row in mine))], device=device)
+    counts = acc.reduce(counts, reduction="sum")
     label_tokens = max(1.0, counts[0].item())
     loss_sum = torch.zeros((), device=device)
-    for index, batch in enumerate(batches):
-        batch = {k: v.to(device) for k, v in batch.items()}
+    for index, tensors in enumerate(batches):
+        tensors = {k: v.to(device) for k, v in tensors.items()}
         # gradients sync on the last micro-batch only
-        sync = accelerator.no_sync(loss_module) if index < len(batches) - 1 else contextlib.nullcontext()
+        sync = acc.no_sync(engine.loss_module) if index < len(batches) - 1 else contextlib.nullcontext()
         with sync:  # the backward too must run inside no_sync, or DDP all-reduces every micro-batch
             with precision_context(cfg.precision, device):
-                summed = loss_module(**batch)
+                summed = engine.loss_module(**tensors)
             # DDP averages gradients over processes; scaling by `world` makes the result the
             # gradient of (sum of token losses over the global batch) / (its label tokens)
-            accelerator.backward(summed * world / label_tokens)
+            acc.backward(summed * world / label_tokens)
         loss_sum += summed.detach()
     grad_norm = None
     if cfg.grad_clip is not None:
-        grad_norm = float(accelerator.clip_grad_norm_(loss_module.parameters(), cfg.grad_clip))
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    total = accelerator.reduce(loss_sum, reduction="sum").item()
+        grad_norm = float(acc.clip_grad_norm_(engine.loss_module.parameters(), cfg.grad_clip))
+    engine.optimizer.step()
+    engine.scheduler.step()
+    engine.optimizer.zero_grad(set_to_none=True)
+    total = acc.reduce(loss_sum, reduction="sum").item()
     return StepResult(total / label_tokens, int(counts[1].item()), grad_norm)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Which optimizer steps log, validate and checkpoint during the loop. Validation and the
+    checkpoint of the last step happen after the loop, once, whatever stopped it.
+
+    >>> s = Schedule(steps=6, log_every=4, eval_every=2, checkpoint_every=3)
+    >>> [(n, s.logs(n), s.validates(n), s.checkpoints(n)) for n in (2, 3, 4, 6)]
+    [(2, False, True, False), (3, False, False, True), (4, True, True, False), (6, True, False, False)]
+    """
+
+    steps: int
+    log_every: int = 1
+    eval_every: int = 0  # 0: validate only after the loop
+    checkpoint_every: int = 0  # 0: checkpoint only after the loop
+
+    def logs(self, step: int) -> bool:
+        return step % self.log_every == 0 or step == self.steps
+
+    def validates(self, step: int) -> bool:
+        return bool(self.eval_every) and step % self.eval_every == 0 and step < self.steps
+
+    def checkpoints(self, step: int) -> bool:
+        return bool(self.checkpoint_every) and step % self.checkpoint_every == 0 and step < self.steps
 
 
 class StopRequest:
@@ -172,22 +204,3 @@ class StopRequest:
     def __exit__(self, *exc: Any) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
-
-
-def fit(loss_module: Any, accelerator: Any, optimizer: Any, scheduler: Any, rows: Sequence[PackedRow],
-        state: TrainState, cfg: Any, pad_id: int, on_step: Callable[[StepResult, float], None],
-        should_stop: Callable[[], bool] = lambda: False) -> TrainState:
-    """Run optimizer steps until ``cfg.steps`` (or a stop request); ``on_step`` logs, validates
-    and checkpoints after each step."""
-    loss_module.train()
-    while state.optimizer_step < cfg.steps and not should_stop():
-        start = time.perf_counter()
-        indices = next_global_batch(len(rows), state, cfg.global_batch_size, cfg.seed)
-        result = train_step(loss_module, accelerator, optimizer, scheduler, rows, indices, cfg, pad_id)
-        elapsed = time.perf_counter() - start
-        state.optimizer_step += 1
-        state.tokens_seen += result.tokens
-        state.train_seconds += elapsed
-        on_step(result, elapsed)
-    return state
-

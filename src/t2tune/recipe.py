@@ -1,0 +1,335 @@
+"""What happens when you run ``t2tune train``, top to bottom, in one module.
+
+    train(cfg)                            the one entry point: the CLI, the Trainer facade, the
+    │                                     tests and the benchmarks all come through here
+    ├─ prepare(cfg)                       the stages, wired
+    │   ├─ task, cheap preflight checks   (before anything slow: model name, QLoRA's needs)
+    │   ├─ RunFolder.check_compatible     an existing out_dir must hold the same run
+    │   ├─ data                           load_examples, a task's hub defaults filled in
+    │   ├─ model                          load_model; seed; dropout / checkpointing / LoRA
+    │   ├─ tokenize + pack                rows of train.seq_len + 1 tokens
+    │   └─ accelerate                     LossModule, AdamW and the schedule on every process
+    └─ Run.train()
+        ├─ resume                         newest complete checkpoint: model, optimizer, RNG, data position
+        ├─ fit                            the loop: step, log, validate, checkpoint; stops on
+        │                                 train.steps, train.max_minutes or a signal
+        └─ validate, checkpoint, export   once after the loop (a signal stop only checkpoints)
+
+Every process runs all of this; the main process alone writes the run folder's shared files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from . import __version__
+from .checkpoint import RunFolder, export, load_weights, read_checkpoint, set_rng_state, write_checkpoint
+from .config import EvalConfig, RunConfig, batch_size_problem, dump_config
+from .data import load_examples, with_hub_defaults
+from .errors import ConfigError, UserError
+from .evaluation import EvalResult, evaluate
+from .files import atomic_file
+from .loss import LossModule
+from .metrics import headline
+from .models import check_model_name, check_qlora_available, load_model, prepare_for_training
+from .packing import PackedRow, pack
+from .report import MetricsLog, model_card, read_events, refresh_plots
+from .tasks import Task, get_task
+from .tokenize import encode_for_training
+from .training import (
+    Engine,
+    Schedule,
+    StepResult,
+    StopRequest,
+    TrainState,
+    make_optimizer,
+    make_scheduler,
+    next_global_batch,
+    train_step,
+)
+
+Row = dict[str, Any]
+
+
+@dataclass
+class RunResult:
+    state: TrainState
+    stopped: str  # "steps" | "max_minutes" | "signal"
+    signal: int | None  # the signal number when stopped by one
+    last_eval: dict[str, Any]  # the last validation's summary ({} when none ran)
+    export: Path | None  # the Hugging Face export; None after a signal stop
+    main_process: bool
+
+
+def train(cfg: RunConfig, **given: Any) -> RunResult:
+    """Run the whole recipe for ``cfg``; ``given`` as for :func:`prepare`."""
+    return prepare(cfg, **given).train()
+
+
+def prepare(cfg: RunConfig, *, overwrite: bool = False, task: Task | None = None, model: Any = None,
+            tokenizer: Any = None, train_rows: Sequence[Row] | None = None, eval_rows: Sequence[Row] | None = None,
+            eval_config: EvalConfig | None = None, metric: Callable | None = None,
+            postprocess: Callable[[str], str] | None = None, base_name: str | None = None,
+            accelerator: Any = None) -> Run:
+    """Wire every stage of a run. Anything not given (task, data, model) comes from ``cfg``;
+    ``metric(predictions, references) -> dict`` and ``postprocess(text) -> answer`` replace the
+    task's own; ``overwrite`` moves an incompatible previous run in ``out_dir`` aside."""
+    task = task or get_task(cfg.task)
+    if postprocess is not None:
+        task = dataclasses.replace(task, custom_postprocess=postprocess)
+    if model is None:
+        check_model_name(cfg.model.name)
+    if cfg.train.method == "qlora":
+        check_qlora_available()
+    folder = RunFolder(Path(cfg.out_dir))
+    moved = folder.check_compatible(cfg, overwrite)
+    if moved is not None:
+        _warn(f"moved the previous run to {moved}")
+    if train_rows is None:
+        train_rows, loaded_eval = _load_data(cfg, task)
+        eval_rows = loaded_eval if eval_rows is None else eval_rows
+    if model is None:
+        loaded = load_model(cfg.model)
+        model, tokenizer = loaded.model, loaded.tokenizer
+    if tokenizer is None:
+        raise UserError("a model given without its tokenizer; pass tokenizer=")
+
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    t = cfg.train
+    problem = batch_size_problem(t, accelerator.num_processes)
+    if problem:
+        raise ConfigError(problem)
+    set_seed(t.seed)  # before LoRA's adapters are initialised
+    model = prepare_for_training(model, t, cfg.lora, base_name or cfg.model.name)
+    examples, dropped = encode_for_training(task, train_rows, tokenizer, t.seq_len, t.truncate)
+    if dropped and accelerator.is_main_process:
+        _warn(f"{dropped} training examples dropped: truncating '{task.truncate_field}' to fit "
+              "train.seq_len would cut their answer")
+    rows = pack(examples, t.packing, t.seq_len, t.loss_on, tokenizer.pad_token_id)
+    loss_module = accelerator.prepare(LossModule(model))
+    optimizer = accelerator.prepare(make_optimizer(loss_module, t))
+    engine = Engine(accelerator, loss_module, optimizer, make_scheduler(optimizer, t), tokenizer.pad_token_id)
+    return Run(cfg, folder, task, model, tokenizer, engine, rows, dropped, list(eval_rows or []),
+               eval_config or cfg.eval, metric, base_name or cfg.model.name)
+
+
+def _load_data(cfg: RunConfig, task: Task) -> tuple[list[Row], list[Row]]:
+    """Training and validation rows per ``data.*``; a task's hub dataset is the default source."""
+    train_src = cfg.data.train or (task.hub[0] if task.hub else None)
+    if train_src is None:
+        raise UserError(f"data.train: no training data given and task {task.name} has no hub default")
+    val_src = cfg.data.validation or train_src
+    split, hub_config = with_hub_defaults(task, train_src, cfg.data.train_split, cfg.data.hub_config)
+    rows = load_examples(task, train_src, split, hub_config)
+    split, hub_config = with_hub_defaults(task, val_src, cfg.data.validation_split, cfg.data.hub_config)
+    return rows, load_examples(task, val_src, split, hub_config, limit=cfg.eval.limit)
+
+
+def _warn(message: str) -> None:
+    print(f"t2tune: {message}", file=sys.stderr)
+
+
+class Session(Protocol):
+    """What :func:`fit` drives; :class:`Run` is the real one, tests use a fake."""
+
+    def out_of_time(self) -> bool: ...
+    def step(self) -> StepResult: ...
+    def progress(self, result: StepResult, seconds: float) -> None: ...
+    def log(self, result: StepResult, seconds: float) -> None: ...
+    def validate(self) -> None: ...
+    def checkpoint(self) -> None: ...
+
+
+def fit(run: Session, state: TrainState, schedule: Schedule, stop: StopRequest) -> str:
+    """The training loop. Returns why it stopped: ``steps``, ``signal`` or ``max_minutes``."""
+    while True:
+        if state.optimizer_step >= schedule.steps:
+            return "steps"
+        if stop.signal is not None:
+            return "signal"
+        if run.out_of_time():  # collective: every process decides at the same step
+            return "max_minutes"
+        start = time.perf_counter()
+        result = run.step()
+        seconds = time.perf_counter() - start
+        state.optimizer_step += 1
+        state.tokens_seen += result.tokens
+        state.train_seconds += seconds
+        step = state.optimizer_step
+        run.progress(result, seconds)
+        if schedule.logs(step):
+            run.log(result, seconds)
+        if schedule.validates(step):
+            run.validate()
+        if schedule.checkpoints(step):
+            run.checkpoint()
+
+
+class Run:
+    """One wired training run: its parts, and the verbs the loop calls."""
+
+    def __init__(self, cfg: RunConfig, folder: RunFolder, task: Task, model: Any, tokenizer: Any, engine: Engine,
+                 rows: list[PackedRow], dropped: int, eval_rows: list[Row], eval_config: EvalConfig,
+                 metric: Callable | None, base_name: str):
+        self.cfg, self.folder, self.task, self.model, self.tokenizer = cfg, folder, task, model, tokenizer
+        self.engine, self.rows, self.dropped = engine, rows, dropped
+        self.eval_rows, self.eval_config, self.metric, self.base_name = eval_rows, eval_config, metric, base_name
+        self.accelerator = engine.accelerator
+        self.main = self.accelerator.is_main_process
+        self.state = TrainState()
+        self.log_file = MetricsLog(folder.metrics, self.main)
+        self.last_eval: dict[str, Any] = {}
+        self.bar: Any = None
+        every = eval_config.every if eval_rows else 0
+        self.schedule = Schedule(cfg.train.steps, cfg.train.log_every, every, cfg.checkpoint.every)
+
+    def train(self) -> RunResult:
+        if self.main:
+            self.folder.root.mkdir(parents=True, exist_ok=True)
+            with atomic_file(self.folder.config) as handle:
+                handle.write(dump_config(self.cfg))
+        resumed = self.resume()
+        self.log_file.write({"event": "start", "step": self.state.optimizer_step, "resumed": resumed,
+                             "rows": len(self.rows), "dropped_examples": self.dropped,
+                             "processes": self.accelerator.num_processes, "t2tune": __version__})
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=self.cfg.train.steps, initial=self.state.optimizer_step, disable=not self.main,
+                        unit="step", dynamic_ncols=True)
+        with StopRequest() as stop:
+            stopped = fit(self, self.state, self.schedule, stop)
+            self.bar.close()
+            self.bar = None
+            if stopped == "signal":
+                self.checkpoint()
+                self.log_file.write({"event": "stopped", "step": self.state.optimizer_step, "signal": stop.signal})
+                return RunResult(self.state, stopped, stop.signal, self.last_eval, None, self.main)
+        step = self.state.optimizer_step
+        if self.eval_rows and self.last_eval.get("step") != step:
+            self.validate()
+        if step not in [n for n, _ in self.folder.checkpoints()]:
+            self.checkpoint()
+        if self.main:
+            self.export(self.folder.export)
+            self.log_file.write({"event": "end", "step": step, "best": self.state.best,
+                                 "tokens_seen": self.state.tokens_seen, "train_seconds": self.state.train_seconds})
+        self.accelerator.wait_for_everyone()
+        return RunResult(self.state, stopped, None, self.last_eval, self.folder.export, self.main)
+
+    # --- the loop's verbs ------------------------------------------------------------------
+    def out_of_time(self) -> bool:
+        """``train.max_minutes`` reached; decided together so that all processes stop at one step."""
+        limit = self.cfg.train.max_minutes
+        if limit is None:
+            return False
+        late = torch.tensor(float(self.state.train_seconds >= limit * 60), device=self.accelerator.device)
+        return self.accelerator.reduce(late, reduction="sum").item() > 0
+
+    def step(self) -> StepResult:
+        t = self.cfg.train
+        indices = next_global_batch(len(self.rows), self.state, t.global_batch_size, t.seed)
+        return train_step(self.engine, [self.rows[i] for i in indices], t)
+
+    def progress(self, result: StepResult, seconds: float) -> None:
+        lr = self.engine.scheduler.get_last_lr()[0]
+        tps = result.tokens / seconds if seconds else 0.0
+        self.bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", refresh=False)
+        self.bar.update(1)
+
+    def log(self, result: StepResult, seconds: float) -> None:
+        s = self.state
+        self.log_file.write({"event": "train", "step": s.optimizer_step, "loss": result.loss,
+                             "lr": self.engine.scheduler.get_last_lr()[0],
+                             "tokens_per_s": result.tokens / seconds if seconds else 0.0,
+                             "grad_norm": result.grad_norm, "epoch": s.epoch, "tokens_seen": s.tokens_seen,
+                             "train_seconds": round(s.train_seconds, 3)})
+
+    def validate(self) -> None:
+        """Validate on the main process, record the best step, log and plot."""
+        if self.main:
+            result = self.evaluate()
+            summary = result.summary(self.task, self.eval_config.mode)
+            key, step = headline(self.task), self.state.optimizer_step
+            value = summary.get(key, 0.0)
+            if not self.state.best or value > self.state.best.get(key, -1):
+                self.state.best = {"step": step, key: value}
+            self.last_eval = {**summary, "step": step}
+            self.log_file.write({"event": "eval", "step": step, **summary, "best_step": self.state.best["step"],
+                                 "train_seconds": round(self.state.train_seconds, 3), "metrics": result.metrics})
+            if self.bar is not None:
+                self.bar.write(f"step {step}: {key} {value:.4f} (best {self.state.best[key]:.4f} "
+                               f"at step {self.state.best['step']}), {summary['examples_per_s']} examples/s")
+            refresh_plots(self.folder.plots, read_events(self.folder.metrics), result.metrics)
+        self.accelerator.wait_for_everyone()
+
+    def checkpoint(self) -> None:
+        acc, step = self.accelerator, self.state.optimizer_step
+        sharded = acc.distributed_type.name in ("FSDP", "DEEPSPEED")
+        model_state = None
+        if sharded:  # the full weights, gathered to the main process (collective)
+            model_state = acc.get_state_dict(self.engine.loss_module)
+            model_state = {k.removeprefix("model."): v for k, v in model_state.items()}
+        engine = None
+        fmt = self.cfg.checkpoint.format
+        if fmt == "accelerate" or (fmt == "auto" and sharded):
+            engine = self.folder.engine_staging(step)
+            if self.main:
+                shutil.rmtree(engine, ignore_errors=True)  # left by a run killed mid-save
+            acc.wait_for_everyone()
+            acc.save_state(str(engine))  # collective: each process writes its shards
+            acc.wait_for_everyone()
+        if self.main:
+            e = self.engine
+            write_checkpoint(self.folder, step, self.model, self.tokenizer, e.optimizer, e.scheduler,
+                             self.state.to_dict(), model_state, engine)
+            self.folder.rotate(self.cfg.checkpoint.keep)
+        acc.wait_for_everyone()
+
+    # --- resume, evaluate, export ------------------------------------------------------------
+    def resume(self) -> bool:
+        """Continue from the newest complete checkpoint; False when there is none."""
+        found = self.folder.checkpoints()
+        if not found:
+            self.log_file.trim_after(0)  # events of a run killed before its first checkpoint are redone
+            return False
+        step, path = found[-1]
+        state, opt, rng = read_checkpoint(path)
+        if path.engine.is_dir():  # sharded model + optimizer, every process reads its part
+            self.accelerator.load_state(str(path.engine))
+        elif "optimizer" in opt:
+            load_weights(self.model, path.model)
+            self.engine.optimizer.load_state_dict(opt["optimizer"])
+        else:
+            raise UserError(f"{path.path}: optimizer state missing (no optimizer.pt entry, no engine/ folder); "
+                            "delete this checkpoint to resume from an older one")
+        self.engine.scheduler.load_state_dict(opt["scheduler"])
+        set_rng_state(rng)
+        self.state = TrainState.from_dict(state)
+        self.log_file.trim_after(step)
+        return True
+
+    def evaluate(self, limit: int | None = None) -> EvalResult:
+        """Validate on the eval rows with the eval config; metrics via ``metric`` when given."""
+        ec = self.eval_config
+        rows = self.eval_rows[: (limit or ec.limit or len(self.eval_rows))]
+        result = evaluate(self.model, self.tokenizer, self.task, rows, ec, with_metrics=self.metric is None)
+        if self.metric is not None:
+            result.metrics = dict(self.metric([r["prediction"] for r in result.records],
+                                              [self.task.references(r) for r in rows]))
+        return result
+
+    def export(self, path: Path, merge: bool = True) -> Path:
+        card = model_card(self.cfg, self.task, self.base_name, self.state, self.last_eval)
+        return export(self.model, self.tokenizer, path, merge=merge, card=card)

@@ -1,0 +1,104 @@
+"""Every text → token-ids rule: training examples (prompt + answer + EOS), the length policy for
+over-long examples, validation prompts, and label sequences for scoring.
+
+The answer that follows a prompt is :func:`t2tune.tasks.answer_text` (a space, then the target)
+and ends with the tokenizer's EOS id, in training and in scoring alike (:func:`answer_ids`).
+Prompt and answer are tokenized apart, so the prompt's tokens are exactly those the model sees
+at validation, and the prompt/answer border is known for target-only loss.
+
+Length policy: an example longer than a training row is an error, unless truncation is asked
+for; then the task's truncatable field (e.g. the QA context) is cut, and an example whose answer
+would be cut away is dropped and counted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import DataError
+from .tasks import Task, answer_text
+
+
+@dataclass
+class Encoded:
+    """One tokenized example: prompt tokens then answer tokens (the answer ends with EOS)."""
+
+    ids: list[int]
+    n_prompt: int
+
+
+def answer_ids(tokenizer: Any, targets: Sequence[str]) -> list[list[int]]:
+    """Token ids of each target as it follows a prompt: leading space, the target, EOS."""
+    ids = tokenizer([answer_text(t) for t in targets], add_special_tokens=False)["input_ids"]
+    return [seq + [tokenizer.eos_token_id] for seq in ids]
+
+
+def encode_examples(tokenizer: Any, prompts: Sequence[str], targets: Sequence[str]) -> list[Encoded]:
+    """Batched fast tokenization of (prompt, target) pairs into training examples."""
+    prompt_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    return [Encoded(p + t, len(p)) for p, t in zip(prompt_ids, answer_ids(tokenizer, targets))]
+
+
+def encode_prompts(tokenizer: Any, prompts: Sequence[str], max_len: int) -> list[list[int]]:
+    """Validation prompts, cut from the left to ``max_len`` tokens (the end holds ``target:``)."""
+    ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    return [p[-max_len:] for p in ids]
+
+
+def encode_for_training(task: Task, rows: Sequence[dict[str, Any]], tokenizer: Any,
+                        seq_len: int, truncate: bool) -> tuple[list[Encoded], int]:
+    """Returns the encoded examples and how many were dropped because truncation cut their answer."""
+    limit = seq_len + 1
+    encoded = encode_examples(tokenizer, [task.prompt_text(r) for r in rows], [task.target_text(r) for r in rows])
+    out: list[Encoded] = []
+    dropped = 0
+    for row, example in zip(rows, encoded):
+        if len(example.ids) <= limit:
+            out.append(example)
+            continue
+        if not truncate:
+            raise DataError(f"{row.get('_where', '?')}: example is {len(example.ids)} tokens, longer than a "
+                            f"training row (train.seq_len + 1 = {limit}); raise train.seq_len or set "
+                            "train.truncate=true")
+        fitted = _truncate(task, row, example, tokenizer, limit)
+        if fitted is None:
+            dropped += 1
+        else:
+            out.append(fitted)
+    if not out:
+        raise DataError("no training example fits train.seq_len; raise train.seq_len")
+    return out, dropped
+
+
+def _shorten_field(task: Task, row: dict[str, Any], tokenizer: Any, excess: int) -> dict[str, Any] | None:
+    field = task.truncate_field
+    ids = tokenizer(row[field], add_special_tokens=False)["input_ids"]
+    keep = len(ids) - excess - 1
+    if keep <= 0:
+        return None
+    text = tokenizer.decode(ids[:keep]).rstrip()
+    # free-text answers must survive in the shortened field (extractive QA)
+    if "answer" in row and row["answer"] not in text:
+        return None
+    return {**row, field: text}
+
+
+def _truncate(task: Task, row: dict[str, Any], example: Encoded, tokenizer: Any, limit: int) -> Encoded | None:
+    if task.truncate_field:
+        current = row
+        for _ in range(4):  # re-tokenizing joined text can differ by a token or two
+            current = _shorten_field(task, current, tokenizer, len(example.ids) - limit)
+            if current is None:
+                return None
+            (example,) = encode_examples(tokenizer, [task.prompt_text(current)], [task.target_text(current)])
+            if len(example.ids) <= limit:
+                return example
+        return None
+    target = example.ids[example.n_prompt:]
+    if len(target) >= limit:
+        return None
+    keep = limit - len(target)  # keep the end of the prompt: it holds "target:"
+    prompt = example.ids[:example.n_prompt][-keep:]
+    return Encoded(prompt + target, len(prompt))
