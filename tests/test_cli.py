@@ -63,6 +63,7 @@ def test_out_dir_not_writable(tmp_path, capsys):
 def test_changed_config_refused_then_overwrite_moves_old_run(tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
+    (out / ".t2tune").write_text('{"kind": "run"}')  # a t2tune run folder (a foreign one is refused outright)
     (out / "config.yaml").write_text("task: mnli\ntrain:\n  lr: 0.5\n")
     (out / "metrics.jsonl").write_text('{"step": 1}\n')
     code, _, err = run_cli(capsys, "train", _config(tmp_path), f"out_dir={out}", "data.train=/nonexistent.jsonl")

@@ -23,7 +23,6 @@ import os
 import random
 import re
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from typing import Any
 import torch
 
 from .errors import UserError
-from .files import atomic_dir
+from .files import FolderLock, atomic_dir, check_replaceable, files_below, move_aside, read_marker, write_marker
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -95,34 +94,88 @@ class RunFolder:
     def checkpoints_root(self) -> Path:
         return self.root / "checkpoints"
 
-    def check_compatible(self, cfg: Any, overwrite: bool) -> Path | None:
-        """Refuse to mix runs: an existing run here must have the same config (up to resume-safe
-        keys). With ``overwrite`` an incompatible run is moved aside (returned), never deleted."""
-        import yaml
+    def claim(self, cfg: Any, overwrite: bool) -> tuple[FolderLock, Path | None]:
+        """Make ``out_dir`` this run's, before anything slow starts. Returns the held lock and
+        where a previous folder was moved (``overwrite``), if it was. Nothing is ever deleted.
 
-        from .config import RESUME_SAFE, config_diff
-
+        - a non-empty folder t2tune did not create is refused (``overwrite``: moved aside);
+        - a second process on the same folder is refused, naming the first one's PID;
+        - an existing run must have this config, up to resume-safe keys (``overwrite``: moved
+          aside); a run whose config.yaml is missing (with checkpoints) or broken is refused;
+        - ``hf/`` must be replaceable by the final export.
+        """
         aside = None
-        if self.config.is_file():
-            try:
-                old = yaml.safe_load(self.config.read_text(encoding="utf-8")) or {}
-            except yaml.YAMLError:
-                old = {}
-            changed = [k for k in config_diff(old, cfg.to_dict()) if k not in RESUME_SAFE]
-            if changed and not overwrite:
-                raise UserError(f"{self.root} holds a run with a different config ({', '.join(changed)} changed); "
-                                "use another out_dir, or --overwrite to move the old run aside and start afresh")
-            if changed:
-                aside = self.root.with_name(f"{self.root.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-                os.replace(self.root, aside)  # nothing is deleted: the old run stays beside the new one
+        if self.root.exists() and not self._is_run():
+            if not self.root.is_dir():
+                raise UserError(f"out_dir: {self.root} is a file, not a folder")
+            if any(self.root.iterdir()):
+                if not overwrite:
+                    raise UserError(f"out_dir: {self.root} is not empty and was not created by t2tune; nothing "
+                                    "was changed. Use another out_dir, or --overwrite to move it aside")
+                aside = move_aside(self.root)
+        lock = self._lock()
+        try:
+            problem = self._config_problem(cfg)
+            if problem and not overwrite:
+                raise UserError(f"out_dir: {self.root} {problem}; use another out_dir, or --overwrite to move "
+                                "the old run aside and start afresh")
+            if problem:
+                lock.release()
+                aside = move_aside(self.root)
+                lock = self._lock()
+            check_replaceable(self.export, "export", "out_dir")
+            if read_marker(self.root) is None:
+                write_marker(self.root, "run")
+        except BaseException:
+            lock.release()
+            raise
+        return lock, aside
+
+    def _is_run(self) -> bool:
+        """A run folder: marked as one, or written by a t2tune from before markers (a config.yaml
+        beside checkpoints or a metrics.jsonl that t2tune started)."""
+        marker = read_marker(self.root)
+        if marker is not None:
+            return marker["kind"] == "run"
+        if not self.config.is_file():
+            return False
+        if self.checkpoints_root.is_dir():
+            return True
+        try:
+            with open(self.metrics, encoding="utf-8") as handle:
+                first = json.loads(handle.readline(1 << 16))
+        except (OSError, ValueError):
+            return False
+        return isinstance(first, dict) and first.get("event") == "start" and "t2tune" in first
+
+    def _lock(self) -> FolderLock:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            probe = self.root / f".write-test-{os.getpid()}"
-            probe.write_text("")
-            probe.unlink()
+            return FolderLock(self.root).acquire("out_dir")
         except OSError as exc:
             raise UserError(f"out_dir: cannot write to {self.root} ({exc.strerror})") from None
-        return aside
+
+    def _config_problem(self, cfg: Any) -> str | None:
+        """Why this run folder cannot continue under ``cfg``, or None."""
+        import yaml
+
+        from .config import RESUME_SAFE, config_diff, read_yaml
+
+        if not self.config.is_file():
+            if self.checkpoints():
+                return ("holds checkpoints but no config.yaml, so they cannot be checked against this config "
+                        "(restore config.yaml to resume)")
+            return None
+        try:
+            old = read_yaml(self.config)
+        except (UserError, yaml.YAMLError) as exc:
+            return f"has a broken config.yaml ({str(exc).splitlines()[0][:200]})"
+        if not isinstance(old, dict):
+            return f"has a broken config.yaml (a {type(old).__name__}, not a mapping of keys)"
+        changed = [k for k in config_diff(old, cfg.to_dict()) if k not in RESUME_SAFE]
+        if changed:
+            return f"holds a run with a different config ({', '.join(changed)} changed)"
+        return None
 
     def step(self, n: int) -> StepFolder:
         return StepFolder(self.checkpoints_root / f"step-{n}")
@@ -259,15 +312,39 @@ def _is_tied(model: Any, key: str) -> bool:
 
 
 def read_checkpoint(step: StepFolder) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """Train state (a dict), optimizer+scheduler state and RNG state of a checkpoint, loaded safely."""
+    """Train state (a dict), optimizer+scheduler state and RNG state of a checkpoint, loaded
+    safely (``weights_only``) and checked for shape: a tampered or truncated file is one error."""
     try:
         state = json.loads(step.state.read_text(encoding="utf-8"))
         opt = torch.load(step.optimizer, weights_only=True, map_location="cpu")
         rng = torch.load(step.rng, weights_only=True, map_location="cpu")
-    except (OSError, ValueError, RuntimeError, EOFError) as exc:
-        raise UserError(f"{step.path}: corrupt or incomplete checkpoint ({str(exc).splitlines()[0][:200]}); "
+    except Exception as exc:  # noqa: BLE001 (I/O, truncation, and pickles weights_only refuses all end here)
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise UserError(f"{step.path}: corrupt or incomplete checkpoint ({reason}); "
                         "delete it to resume from an older one") from None
+    problem = _shape_problem(state, opt, rng)
+    if problem:
+        raise UserError(f"{step.path}: corrupt checkpoint ({problem}); delete it to resume from an older one")
     return state, opt, rng
+
+
+_STATE_TYPES = {"optimizer_step": int, "epoch": int, "row_in_epoch": int, "tokens_seen": int,
+                "train_seconds": (int, float), "best": dict}
+
+
+def _shape_problem(state: Any, opt: Any, rng: Any) -> str | None:
+    if not isinstance(state, dict):
+        return f"state.json holds a {type(state).__name__}, not a mapping"
+    for key, kind in _STATE_TYPES.items():
+        if key in state and (not isinstance(state[key], kind) or isinstance(state[key], bool)):
+            return f"state.json: '{key}' has the wrong type"
+    if not isinstance(opt, dict) or not isinstance(opt.get("scheduler"), dict):
+        return "optimizer.pt holds no scheduler state"
+    if "optimizer" in opt and not isinstance(opt["optimizer"], dict):
+        return "optimizer.pt: the optimizer state is not a mapping"
+    if not isinstance(rng, dict) or not all(isinstance(rng.get(k), torch.Tensor) for k in ("torch", "python")):
+        return "rng.pt holds no torch and Python RNG state"
+    return None
 
 
 # --- export --------------------------------------------------------------------------------
@@ -284,8 +361,12 @@ def _save_merged(peft_model: Any, tokenizer: Any, folder: Path) -> None:
         peft_model.unmerge_adapter()
 
 
-def export(model: Any, tokenizer: Any, out: Path, merge: bool = True, card: str | None = None) -> Path:
-    """Write a Hugging Face folder atomically; peft adapters are merged unless ``merge`` is False."""
+def export(model: Any, tokenizer: Any, out: Path, merge: bool = True, card: str | None = None,
+           what: str = "export") -> Path:
+    """Write a Hugging Face folder atomically; peft adapters are merged unless ``merge`` is False.
+    An existing ``out`` is replaced only when it is empty or a t2tune export holding nothing
+    but what t2tune wrote (``what`` names the setting in the refusal)."""
+    check_replaceable(out, "export", what)
     with atomic_dir(out) as tmp:
         if merge and hasattr(model, "peft_config"):
             _save_merged(model, tokenizer, tmp)
@@ -293,4 +374,5 @@ def export(model: Any, tokenizer: Any, out: Path, merge: bool = True, card: str 
             save_hf(model, tokenizer, tmp)
         if card is not None:
             (tmp / "README.md").write_text(card, encoding="utf-8")
+        write_marker(tmp, "export", files_below(tmp))
     return out

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from .errors import UserError
 from .runtime import keep_freed_memory
@@ -23,6 +25,7 @@ def _warn(msg: str) -> None:
 # --- train ---------------------------------------------------------------------------------
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .checkpoint import RunFolder
     from .config import load_config
     from .recipe import train
 
@@ -33,20 +36,46 @@ def cmd_train(args: argparse.Namespace) -> int:
         torch.set_num_threads(cfg.train.threads)  # a process setting: the CLI's to make
     start = time.perf_counter()
     result = train(cfg, overwrite=args.overwrite)
+    if result.stopped == "diverged":
+        kept = [str(step.path) for _, step in RunFolder(Path(cfg.out_dir)).checkpoints()]
+        raise UserError(f"training diverged at step {result.state.optimizer_step + 1}: the loss or gradient norm "
+                        f"is not finite; nothing was exported (last good checkpoint: {kept[-1] if kept else 'none'}); "
+                        "lower train.lr or set train.grad_clip")
     if result.stopped == "signal":
         _warn(f"stopped by signal {result.signal} at step {result.state.optimizer_step}; "
               "checkpoint written, run the same command to resume")
         return EXIT_INTERRUPTED
     if result.main_process:
         state = result.state
+        wall = round(time.perf_counter() - start, 1)
         summary = {"out_dir": cfg.out_dir, "steps": state.optimizer_step, "tokens_seen": state.tokens_seen,
-                   "train_seconds": round(state.train_seconds, 1), "wall_seconds": round(time.perf_counter() - start, 1),
+                   "train_seconds": round(state.train_seconds, 1), "wall_seconds": wall,
                    "best": state.best, "last_eval": result.last_eval, "export": str(result.export)}
         print(json.dumps(summary))
     return 0
 
 
 # --- evaluate / predict --------------------------------------------------------------------
+
+EVAL_FLAGS = {"mode": "--mode", "max_new_tokens": "--max-new-tokens", "batch_size": "--batch-size",
+              "seq_len": "--seq-len", "limit": "--limit", "precision": "--precision"}
+
+
+def _eval_config(args: argparse.Namespace) -> Any:
+    """The flags as an EvalConfig, validated by the config's own ranges; errors name the flag."""
+    from .config import ConfigError, build_config
+
+    values = {f"eval.{key}": getattr(args, key) for key in EVAL_FLAGS}
+    try:
+        if args.threads is not None and args.threads <= 0:
+            raise ConfigError(f"invalid config: --threads: must be > 0, got {args.threads}")
+        return build_config(values).eval
+    except ConfigError as exc:
+        message = str(exc).removeprefix("invalid config: ")
+        for key, flag in EVAL_FLAGS.items():
+            message = message.replace(f"eval.{key}:", f"{flag}:")
+        raise ConfigError(f"invalid option: {message}") from None
+
 
 def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
     from .files import atomic_file
@@ -67,12 +96,13 @@ def _print_table(summary: dict[str, Any], metrics: dict[str, Any]) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace, predict: bool = False) -> int:
-    from .config import EvalConfig, ModelConfig
+    from .config import ModelConfig
     from .data import load_examples, with_hub_defaults
     from .evaluation import evaluate
     from .models import load_model
     from .tasks import get_task
 
+    config = _eval_config(args)  # checked before anything slow
     task = get_task(args.task)
     loaded = load_model(ModelConfig(name=args.model, attn_implementation=args.attn,
                                     trust_remote_code=args.trust_remote_code))
@@ -83,11 +113,9 @@ def cmd_evaluate(args: argparse.Namespace, predict: bool = False) -> int:
         import torch
 
         torch.set_num_threads(args.threads)  # a process setting: the CLI's to make
-    config = EvalConfig(mode=args.mode, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                        seq_len=args.seq_len, precision=args.precision)
     result = evaluate(loaded.model, loaded.tokenizer, task, rows, config, with_metrics=not predict)
     if args.out:
-        _write_jsonl(Path(args.out), result.records)
+        _write_jsonl(Path(args.out).expanduser(), result.records)
     summary = result.summary(task, args.mode)
     if not predict:
         _print_table(summary, result.metrics)
@@ -121,7 +149,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         state = TrainState.from_dict(json.loads(src.state.read_text(encoding="utf-8"))) if src.state.is_file() \
             else TrainState()
         card = model_card(cfg, get_task(cfg.task), cfg.model.name, state, {})
-    out = export(loaded.model, loaded.tokenizer, Path(args.out), merge=not args.adapter_only, card=card)
+    out = export(loaded.model, loaded.tokenizer, Path(args.out).expanduser(), merge=not args.adapter_only,
+                 card=card, what="--out")
     print(json.dumps({"export": str(out), "adapter_only": bool(args.adapter_only)}))
     return 0
 
@@ -175,8 +204,16 @@ def _eval_args(p: argparse.ArgumentParser, predict: bool) -> None:
     p.add_argument("--trust-remote-code", action="store_true")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (exit 2) like every other bad input."""
+
+    def error(self, message: str) -> NoReturn:
+        _warn(f"error: {self.prog}: {message} (see {self.prog} --help)")
+        raise SystemExit(EXIT_BAD_INPUT)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="t2tune", description=__doc__)
+    parser = _Parser(prog="t2tune", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="fine-tune per a YAML config")
@@ -207,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = [a for a in argv if a != "--debug"]
     args = build_parser().parse_args(argv)
     keep_freed_memory()
+    # SIGTERM ends a command as Ctrl-C does: temporary files are removed on the way out, and
+    # exit 130. (During training steps the loop takes both signals over to checkpoint first.)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         return args.func(args)
     except UserError as exc:
@@ -214,9 +254,20 @@ def main(argv: list[str] | None = None) -> int:
             raise
         _warn(f"error: {exc}")
         return EXIT_BAD_INPUT
+    except OSError as exc:
+        if debug or exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        _warn(f"error: {exc.filename or 'a file'}: {exc.strerror}; free some space and run the same command again")
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt as exc:
         _warn(str(exc) or "interrupted")
         return EXIT_INTERRUPTED
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"stopped by signal {signum}")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -121,13 +122,25 @@ CHOICES = {
     "eval.mode": {"generate", "score"},
     "checkpoint.format": {"auto", "hf", "accelerate"},
 }
-POSITIVE = ["train.steps", "train.seq_len", "train.micro_batch_size", "train.global_batch_size",
-            "eval.max_new_tokens", "eval.batch_size", "eval.seq_len", "checkpoint.keep",
-            "train.log_every", "lora.r"]
-NON_NEGATIVE = ["train.lr", "train.eps", "train.weight_decay", "train.warmup_steps",
-                "checkpoint.every", "eval.every", "train.min_lr_ratio"]
-# Keys that may change when a run resumes: they do not alter what was already trained.
-RESUME_SAFE = {"train.steps", "checkpoint.every", "checkpoint.keep", "eval.every", "eval.limit",
+# The allowed range of every numeric key (null, where a key allows it, is always allowed).
+# Every float must also be finite: NaN and inf are refused wherever a number is read.
+_POS, _NONNEG, _FRACTION, _PROB = "> 0", ">= 0", "in [0, 1]", "in [0, 1)"
+_RANGE_TESTS = {_POS: lambda v: v > 0, _NONNEG: lambda v: v >= 0, _FRACTION: lambda v: 0 <= v <= 1,
+                _PROB: lambda v: 0 <= v < 1}
+RANGES = {
+    "train.steps": _POS, "train.seq_len": _POS, "train.micro_batch_size": _POS, "train.global_batch_size": _POS,
+    "train.lr": _POS, "train.eps": _POS, "train.weight_decay": _NONNEG, "train.warmup_steps": _NONNEG,
+    "train.min_lr_ratio": _FRACTION, "train.dropout": _PROB, "train.grad_clip": _POS, "train.seed": _NONNEG,
+    "train.log_every": _POS, "train.threads": _POS, "train.max_minutes": _POS,
+    "lora.r": _POS, "lora.alpha": _POS, "lora.dropout": _PROB,
+    "checkpoint.every": _NONNEG, "checkpoint.keep": _POS,
+    "eval.every": _NONNEG, "eval.max_new_tokens": _POS, "eval.batch_size": _POS, "eval.seq_len": _POS,
+    "eval.limit": _POS,
+}
+MAX_CONFIG_BYTES = 1 << 20  # configs and task files are a few hundred bytes; this bounds a YAML bomb
+# Keys that may change when a run resumes: they do not alter what was already trained (out_dir:
+# a run folder may be moved or renamed and still resume).
+RESUME_SAFE = {"out_dir", "train.steps", "checkpoint.every", "checkpoint.keep", "eval.every", "eval.limit",
                "eval.batch_size", "eval.max_new_tokens", "eval.seq_len", "eval.mode", "eval.precision",
                "train.log_every", "train.threads", "train.max_minutes", "data.validation",
                "data.validation_split"}
@@ -156,23 +169,40 @@ _FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 def _coerce(value: Any, tp: Any) -> Any:
     """YAML 1.1 reads ``1e-4`` as a string and users write ``steps: 1e3``; accept both spellings."""
     wants_float = _type_ok(0.5, tp)
-    if isinstance(value, str) and wants_float and _FLOAT.fullmatch(value):
-        return float(value)
+    if isinstance(value, str) and wants_float and (_FLOAT.fullmatch(value) or value.strip().lower().lstrip("+-") in
+                                                   ("nan", "inf", "infinity")):
+        return float(value)  # NaN and inf become floats here, to be refused as not finite
     if isinstance(value, float) and not wants_float and _type_ok(1, tp) and value.is_integer():
         return int(value)
     return value
+
+
+def short(value: Any, width: int = 60) -> str:
+    """A bounded repr for error messages (a YAML alias bomb must not become a 10 MB message).
+
+    >>> short("x" * 100, width=20)
+    "'xxxxxxx...xxxxxxxx'"
+    """
+    import reprlib
+
+    shortener = reprlib.Repr()
+    shortener.maxlevel, shortener.maxlist, shortener.maxdict, shortener.maxstring = 2, 4, 4, width
+    text = shortener.repr(value)
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 def _type_name(tp: Any) -> str:
     return str(tp).replace("typing.", "") if not isinstance(tp, type) else tp.__name__
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def _flatten(tree: dict[str, Any], prefix: str = "", depth: int = 2) -> dict[str, Any]:
+    """Dotted keys of a (section → key → value) tree; deeper mappings stay values (and are then
+    reported as the wrong type), so a nested alias bomb is never expanded."""
     flat: dict[str, Any] = {}
     for key, value in tree.items():
         dotted = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, dotted + "."))
+        if isinstance(value, dict) and depth > 1:
+            flat.update(_flatten(value, dotted + ".", depth - 1))
         else:
             flat[dotted] = value
     return flat
@@ -181,8 +211,10 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def parse_override(text: str) -> tuple[str, Any]:
     """``"train.lr=1e-4"`` → ``("train.lr", 0.0001)``; values are parsed as YAML scalars, never code."""
     if "=" not in text:
-        raise ConfigError(f"override '{text}' is not of the form key=value (e.g. train.steps=10)")
+        raise ConfigError(f"override {short(text)} is not of the form key=value (e.g. train.steps=10)")
     key, raw = text.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"override {short(text)}: the key before '=' is empty (e.g. train.steps=10)")
     try:
         value = yaml.safe_load(raw) if raw != "" else None
     except yaml.YAMLError:
@@ -207,7 +239,7 @@ def build_config(values: dict[str, Any]) -> RunConfig:
                 continue
             tp = typing.get_type_hints(RunConfig)[head]
             if not _type_ok(value, tp):
-                errors.append(f"{key}: expected {_type_name(tp)}, got {value!r}")
+                errors.append(f"{key}: expected {_type_name(tp)}, got {short(value)}")
                 continue
             setattr(cfg, head, value)
             continue
@@ -223,13 +255,18 @@ def build_config(values: dict[str, Any]) -> RunConfig:
             continue
         value = _coerce(value, hints[rest])
         if not _type_ok(value, hints[rest]):
-            errors.append(f"{key}: expected {_type_name(hints[rest])}, got {value!r}")
+            errors.append(f"{key}: expected {_type_name(hints[rest])}, got {short(value)}")
+            continue
+        if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
+            errors.append(f"{key}: must be a finite number, got {short(value)}")
             continue
         setattr(section, rest, value)
     if not errors:
         errors.extend(_check_values(cfg))
     if errors:
-        raise ConfigError("invalid config: " + "; ".join(errors))
+        shown = "; ".join(errors[:12]) + (f"; and {len(errors) - 12} more" if len(errors) > 12 else "")
+        raise ConfigError("invalid config: " + shown)
+    cfg.out_dir = str(Path(cfg.out_dir).expanduser()) if cfg.out_dir else cfg.out_dir
     return cfg
 
 
@@ -258,27 +295,19 @@ def _check_values(cfg: RunConfig) -> list[str]:
     errors = []
     for key, allowed in CHOICES.items():
         if (key, get_key(cfg, key)) in MOVED:
-            errors.append(f"{key}: {get_key(cfg, key)!r} was split: {MOVED[key, get_key(cfg, key)]}")
+            errors.append(f"{key}: {short(get_key(cfg, key))} was split: {MOVED[key, get_key(cfg, key)]}")
         elif get_key(cfg, key) not in allowed:
-            errors.append(f"{key}: must be one of {', '.join(sorted(allowed))}, got {get_key(cfg, key)!r}")
-    for key in POSITIVE:
-        if get_key(cfg, key) <= 0:
-            errors.append(f"{key}: must be > 0, got {get_key(cfg, key)}")
-    for key in NON_NEGATIVE:
-        if get_key(cfg, key) < 0:
-            errors.append(f"{key}: must be >= 0, got {get_key(cfg, key)}")
+            errors.append(f"{key}: must be one of {', '.join(sorted(allowed))}, got {short(get_key(cfg, key))}")
+    for key, allowed in RANGES.items():
+        value = get_key(cfg, key)
+        if value is not None and not _RANGE_TESTS[allowed](value):
+            errors.append(f"{key}: must be {allowed}, got {value}")
     t = cfg.train
     problem = batch_size_problem(t)
     if problem:
         errors.append(problem)
-    if t.dropout is not None and not 0 <= t.dropout < 1:
-        errors.append(f"train.dropout: must be in [0, 1), got {t.dropout}")
     if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
-        errors.append(f"train.betas: must be two numbers in [0, 1), got {t.betas}")
-    if t.max_minutes is not None and t.max_minutes <= 0:
-        errors.append(f"train.max_minutes: must be > 0 or null, got {t.max_minutes}")
-    if cfg.eval.limit is not None and cfg.eval.limit <= 0:
-        errors.append(f"eval.limit: must be > 0 or null, got {cfg.eval.limit}")
+        errors.append(f"train.betas: must be two numbers in [0, 1), got {short(t.betas)}")
     if not cfg.out_dir:
         errors.append("out_dir: must not be empty")
     return errors
@@ -291,10 +320,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
-        try:
-            tree = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        tree = read_yaml(path) or {}
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of keys")
         values = _flatten(tree)
@@ -302,6 +328,39 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         key, value = parse_override(text)
         values[key] = value
     return build_config(values)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, typing.Hashable):
+                continue  # the base loader reports unhashable keys
+            if key in seen:
+                raise ConfigError(f"line {key_node.start_mark.line + 1}: key {short(key)} is given twice")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file read safely (no Python tags), bounded in size, duplicate keys refused; errors
+    name the file."""
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MiB; not a t2tune YAML file")
+    try:
+        return yaml.load(raw.decode("utf-8-sig"), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0][:200]})") from None
 
 
 def dump_config(cfg: RunConfig) -> str:

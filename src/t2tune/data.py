@@ -8,9 +8,10 @@ Each returned row carries ``_where`` ("file:line") for errors found later (e.g. 
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import csv
-import io
+import itertools
 import json
 import os
 import socket
@@ -27,22 +28,31 @@ SPLIT_FALLBACKS = {"validation": ("validation", "dev", "validation_matched", "de
 Row = dict[str, Any]
 
 
-def _decode_lines(path: Path) -> list[str]:
+MAX_LINE_BYTES = 4 << 20  # far above any real example (a SQuAD context is a few KiB), far below harm
+
+
+def _decode_lines(path: Path) -> Iterator[str]:
+    """The file's lines as text, streamed: a line over ``MAX_LINE_BYTES`` is an error before it
+    is read whole, a UTF-8 byte-order mark (as Excel and Notepad write) is dropped."""
     try:
-        raw = path.read_bytes()
+        handle = open(path, "rb")
     except OSError as exc:
         raise DataError(f"{path}: cannot read ({exc.strerror})") from None
-    lines = raw.split(b"\n")
-    out = []
-    for number, line in enumerate(lines, 1):
-        try:
-            out.append(line.decode("utf-8").rstrip("\r"))
-        except UnicodeDecodeError as exc:
-            raise DataError(f"{path}:{number}: not UTF-8 text (byte {exc.start + 1} of the line); "
-                            "re-encode the file as UTF-8") from None
-    if out and out[-1] == "":
-        out.pop()
-    return out
+    with handle:
+        for number in itertools.count(1):
+            raw = handle.readline(MAX_LINE_BYTES + 1)
+            if not raw:
+                return
+            if len(raw) > MAX_LINE_BYTES:
+                raise DataError(f"{path}:{number}: line longer than {MAX_LINE_BYTES >> 20} MiB; "
+                                "one example per line is expected")
+            if number == 1:
+                raw = raw.removeprefix(codecs.BOM_UTF8)
+            try:
+                yield raw.decode("utf-8").rstrip("\n").rstrip("\r")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}:{number}: not UTF-8 text (byte {exc.start + 1} of the line); "
+                                "re-encode the file as UTF-8") from None
 
 
 def read_jsonl(path: Path) -> list[Row]:
@@ -62,12 +72,19 @@ def read_jsonl(path: Path) -> list[Row]:
 
 
 def read_delimited(path: Path, delimiter: str) -> list[Row]:
-    lines = _decode_lines(path)
+    lines = (line + "\n" for line in _decode_lines(path))  # csv keeps newlines inside quoted fields
     # GLUE's TSVs hold unbalanced quotes inside sentences; quotes carry no meaning there.
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-    reader = csv.DictReader(io.StringIO("\n".join(lines)), delimiter=delimiter, quoting=quoting)
-    if not reader.fieldnames:
-        raise DataError(f"{path}: empty file (expected a header line)")
+    reader = csv.DictReader(lines, delimiter=delimiter, quoting=quoting)
+    try:
+        if not reader.fieldnames:
+            raise DataError(f"{path}: empty file (expected a header line)")
+        return _checked_rows(path, reader)
+    except csv.Error as exc:
+        raise DataError(f"{path}:{reader.line_num}: {exc}") from None
+
+
+def _checked_rows(path: Path, reader: csv.DictReader) -> list[Row]:
     rows = []
     for row in reader:
         number = reader.line_num
@@ -121,9 +138,12 @@ def resolve_local(source: str, split: str) -> Path | None:
     path = Path(source).expanduser()
     if path.is_dir():
         for name in (split, *SPLIT_FALLBACKS.get(split, ())):
-            for ext in EXTENSIONS:
-                if (path / f"{name}{ext}").is_file():
-                    return path / f"{name}{ext}"
+            found = [path / f"{name}{ext}" for ext in EXTENSIONS if (path / f"{name}{ext}").is_file()]
+            if len(found) > 1:
+                raise DataError(f"{path}: several {name} files ({', '.join(p.name for p in found)}); "
+                                "keep one, or name the file itself")
+            if found:
+                return found[0]
         raise DataError(f"{path}: no {split} file in this folder (expected {split}.jsonl, .csv, .tsv or .parquet)")
     if path.exists() or _looks_local(source):
         return path

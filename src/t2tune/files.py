@@ -1,17 +1,32 @@
-"""Writing files so that a crash never leaves a half-written one: the write-to-a-temporary-name,
-then-rename rule, for single files and for whole folders. Every module that writes a result a
-user keeps (checkpoints, exports, prediction files, metrics, the GGUF cache) goes through here.
+"""Writing files safely. Three rules live here and nowhere else:
+
+- **Write, then rename**: a file or folder is written under a temporary name and renamed into
+  place, so a crash never leaves a half-written one (checkpoints, exports, prediction files,
+  metrics, the GGUF cache).
+- **Touch only what t2tune wrote**: folders t2tune creates carry a marker file (``.t2tune``,
+  JSON: what kind of folder, and for exports the files written), and a folder is replaced or
+  moved only when its marker says t2tune owns everything in it.
+- **One process per run folder**: an exclusive ``flock`` on ``.t2tune.lock``, which the kernel
+  releases when the holder exits however it exits (``kill -9`` too), so a lock file left
+  behind by a dead process is never mistaken for a live run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import secrets
 import shutil
-import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
+
+from .errors import UserError
+
+MARKER = ".t2tune"
+LOCK = ".t2tune.lock"
 
 
 def fsync_tree(folder: Path) -> None:
@@ -52,7 +67,8 @@ def atomic_dir(final: Path, replace: bool = True) -> Iterator[Path]:
     ``final`` wins (another process got there first) and the new folder is dropped. On error
     the temporary folder is removed and ``final`` is untouched."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()  # the umask's permissions (tempfile.mkdtemp would make it owner-only)
     try:
         yield tmp
         fsync_tree(tmp)
@@ -69,3 +85,100 @@ def atomic_dir(final: Path, replace: bool = True) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# --- ownership ---------------------------------------------------------------------------
+
+def read_marker(folder: Path) -> dict[str, Any] | None:
+    """The marker of a folder t2tune created, or None (no marker, or not one t2tune wrote)."""
+    try:
+        marker = json.loads((folder / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return marker if isinstance(marker, dict) and isinstance(marker.get("kind"), str) else None
+
+
+def write_marker(folder: Path, kind: str, files: list[str] | None = None) -> None:
+    from . import __version__
+
+    marker: dict[str, Any] = {"kind": kind, "t2tune": __version__}
+    if files is not None:
+        marker["files"] = files
+    (folder / MARKER).write_text(json.dumps(marker), encoding="utf-8")
+
+
+def files_below(folder: Path) -> list[str]:
+    """Every file below ``folder``, as sorted relative paths."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if not p.is_dir())
+
+
+def check_replaceable(folder: Path, kind: str, what: str) -> None:
+    """Raise unless ``folder`` may be replaced by a new one of ``kind``: it does not exist, is
+    empty, or is a ``kind`` folder all of whose files t2tune wrote. ``what`` names the setting."""
+    if not folder.exists() and not folder.is_symlink():
+        return
+    if not folder.is_dir() or folder.is_symlink():
+        raise UserError(f"{what}: {folder} exists and is not a folder; choose another path")
+    present = files_below(folder)
+    if not present:
+        return
+    marker = read_marker(folder)
+    if marker is None or marker["kind"] != kind:
+        if (folder / "state.json").is_file():
+            found = "a t2tune checkpoint"
+        elif marker is not None:
+            found = f"a t2tune {marker['kind']} folder"
+        else:
+            found = "a folder t2tune did not create"
+        raise UserError(f"{what}: {folder} is {found}, not a t2tune {kind}; nothing was changed, "
+                        "choose another path")
+    written = set(marker.get("files") or []) | {MARKER}
+    foreign = [name for name in present if name not in written]
+    if foreign:
+        raise UserError(f"{what}: {folder} holds files t2tune did not write ({', '.join(foreign[:3])}); "
+                        "move them out or choose another path")
+
+
+def move_aside(folder: Path) -> Path:
+    """Rename ``folder`` to ``folder.old-TIMESTAMP`` (nothing is deleted) and return the new path."""
+    aside = folder.with_name(f"{folder.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+    while aside.exists():
+        aside = aside.with_name(aside.name + "-1")
+    os.replace(folder, aside)
+    return aside
+
+
+# --- one process per folder ----------------------------------------------------------------
+
+class FolderLock:
+    """An exclusive lock on a folder, held until :meth:`release` or the process's exit."""
+
+    def __init__(self, folder: Path):
+        self.path = folder / LOCK
+        self._handle: IO[str] | None = None
+
+    def acquire(self, what: str) -> FolderLock:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock, as before
+            return self
+        handle = open(self.path, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise UserError(f"{what}: {self.path.parent} is in use by another t2tune process (PID {holder}); "
+                            "wait for it to finish, or use another out_dir") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        self._handle = handle
+        return self
+
+    def release(self) -> None:
+        if self._handle is not None:
+            self._handle.close()  # closing drops the flock
+            self._handle = None

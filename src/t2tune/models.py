@@ -131,16 +131,27 @@ def gguf_as_folder(gguf: Path, cfg: Any) -> Path:
 
 
 def _from_pretrained(where: str, cfg: Any, dtype: torch.dtype, **kw: Any) -> Loaded:
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    folder = Path(where)
+    if folder.is_dir() and "gguf_file" not in kw and not any(folder.glob("*.safetensors")):
+        pickled = sorted(p.name for p in folder.glob("*.bin"))
+        if pickled:
+            raise UserError(f"{folder}: weights only as {pickled[0]} (a pickle); t2tune loads safetensors only, "
+                            "which run no code. Convert it where you trust the file: "
+                            "AutoModelForCausalLM.from_pretrained(...).save_pretrained(...)")
     common = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code, **kw}
+    weights = {} if "gguf_file" in kw else {"use_safetensors": True}  # never a pickle from the hub either
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **common)
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, attn_implementation=cfg.attn_implementation,
-                                                     **common)
+                                                     **common, **weights)
     except OSError as exc:
         first = str(exc).splitlines()[0][:300]
         raise UserError(f"model.name: cannot load '{cfg.name}': {first}") from None
+    except SafetensorError as exc:
+        raise UserError(f"{where}: corrupt or truncated safetensors weights ({str(exc)[:200]})") from None
     return Loaded(model, tokenizer)
 
 
@@ -202,10 +213,18 @@ def _load_adapter(path: Path, cfg: Any, dtype: torch.dtype) -> Loaded:
     """A saved LoRA adapter: load its base model (as recorded by t2tune), then the adapter."""
     from peft import PeftModel
 
-    meta = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
-    base_name = meta.get("base_model_name_or_path")
-    if not base_name:
-        raise UserError(f"{path}/adapter_config.json: no base_model_name_or_path")
+    meta_file = path / "adapter_config.json"
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{meta_file}: unreadable ({exc})") from None
+    base_name = meta.get("base_model_name_or_path") if isinstance(meta, dict) else None
+    if not isinstance(base_name, str) or not base_name:
+        raise UserError(f"{meta_file}: no base_model_name_or_path")
+    base_path = resolve_path(base_name)
+    if base_path is not None and (base_path / "adapter_config.json").is_file():
+        raise UserError(f"{meta_file}: base_model_name_or_path '{base_name}' is itself an adapter"
+                        f"{' (this one)' if base_path.resolve() == path.resolve() else ''}; it must name a full model")
     base = load_model(dataclasses.replace(cfg, name=base_name, revision=None))
     model = PeftModel.from_pretrained(base.model, str(path))
     return Loaded(model, base.tokenizer)

@@ -4,7 +4,7 @@
     │                                     tests and the benchmarks all come through here
     ├─ prepare(cfg)                       the stages, wired
     │   ├─ task, cheap preflight checks   (before anything slow: model name, QLoRA's needs)
-    │   ├─ RunFolder.check_compatible     an existing out_dir must hold the same run
+    │   ├─ RunFolder.claim                out_dir: t2tune's own, locked, holding the same run
     │   ├─ data                           load_examples, a task's hub defaults filled in
     │   ├─ model                          load_model; seed; dropout / checkpointing / LoRA
     │   ├─ tokenize + pack                rows of train.seq_len + 1 tokens
@@ -12,8 +12,10 @@
     └─ Run.train()
         ├─ resume                         newest complete checkpoint: model, optimizer, RNG, data position
         ├─ fit                            the loop: step, log, validate, checkpoint; stops on
-        │                                 train.steps, train.max_minutes or a signal
-        └─ validate, checkpoint, export   once after the loop (a signal stop only checkpoints)
+        │                                 train.steps, train.max_minutes, a signal, or a loss
+        │                                 that is not finite
+        └─ validate, checkpoint, export   once after the loop (a signal stop only checkpoints;
+                                          a diverged run writes nothing more)
 
 Every process runs all of this; the main process alone writes the run folder's shared files.
 """
@@ -21,6 +23,7 @@ Every process runs all of this; the main process alone writes the run folder's s
 from __future__ import annotations
 
 import dataclasses
+import math
 import shutil
 import sys
 import time
@@ -63,10 +66,10 @@ Row = dict[str, Any]
 @dataclass
 class RunResult:
     state: TrainState
-    stopped: str  # "steps" | "max_minutes" | "signal"
+    stopped: str  # "steps" | "max_minutes" | "signal" | "diverged"
     signal: int | None  # the signal number when stopped by one
     last_eval: dict[str, Any]  # the last validation's summary ({} when none ran)
-    export: Path | None  # the Hugging Face export; None after a signal stop
+    export: Path | None  # the Hugging Face export; None after a signal stop or divergence
     main_process: bool
 
 
@@ -90,10 +93,11 @@ def prepare(cfg: RunConfig, *, overwrite: bool = False, task: Task | None = None
         check_model_name(cfg.model.name)
     if cfg.train.method == "qlora":
         check_qlora_available()
+    from accelerate import PartialState
+
+    process = PartialState(cpu=not torch.cuda.is_available())
     folder = RunFolder(Path(cfg.out_dir))
-    moved = folder.check_compatible(cfg, overwrite)
-    if moved is not None:
-        _warn(f"moved the previous run to {moved}")
+    lock = _claim(folder, cfg, overwrite, process)
     if train_rows is None:
         train_rows, loaded_eval = _load_data(cfg, task)
         eval_rows = loaded_eval if eval_rows is None else eval_rows
@@ -121,8 +125,30 @@ def prepare(cfg: RunConfig, *, overwrite: bool = False, task: Task | None = None
     loss_module = accelerator.prepare(LossModule(model))
     optimizer = accelerator.prepare(make_optimizer(loss_module, t))
     engine = Engine(accelerator, loss_module, optimizer, make_scheduler(optimizer, t), tokenizer.pad_token_id)
-    return Run(cfg, folder, task, model, tokenizer, engine, rows, dropped, list(eval_rows or []),
-               eval_config or cfg.eval, metric, base_name or cfg.model.name)
+    run = Run(cfg, folder, task, model, tokenizer, engine, rows, dropped, list(eval_rows or []),
+              eval_config or cfg.eval, metric, base_name or cfg.model.name)
+    run.lock = lock
+    return run
+
+
+def _claim(folder: RunFolder, cfg: RunConfig, overwrite: bool, process: Any) -> Any:
+    """The main process claims ``out_dir`` (ownership, lock, config check); every process learns
+    the outcome, so a refusal stops all of them with the same one line instead of a hang."""
+    lock, refusal = None, None
+    if process.is_main_process:
+        try:
+            lock, moved = folder.claim(cfg, overwrite)
+            if moved is not None:
+                _warn(f"moved the previous contents of out_dir to {moved}")
+        except UserError as exc:
+            refusal = str(exc)
+    if process.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        refusal = broadcast_object_list([refusal])[0]
+    if refusal is not None:
+        raise UserError(refusal)
+    return lock
 
 
 def _load_data(cfg: RunConfig, task: Task) -> tuple[list[Row], list[Row]]:
@@ -164,6 +190,8 @@ def fit(run: Session, state: TrainState, schedule: Schedule, stop: StopRequest) 
         start = time.perf_counter()
         result = run.step()
         seconds = time.perf_counter() - start
+        if not all(math.isfinite(x) for x in (result.loss, result.grad_norm or 0.0)):
+            return "diverged"  # the same on every process: loss and norm are global
         state.optimizer_step += 1
         state.tokens_seen += result.tokens
         state.train_seconds += seconds
@@ -192,15 +220,23 @@ class Run:
         self.log_file = MetricsLog(folder.metrics, self.main)
         self.last_eval: dict[str, Any] = {}
         self.bar: Any = None
+        self.lock: Any = None  # the out_dir lock (main process), released when train() ends
+        self.diverged: dict[str, Any] = {}
         every = eval_config.every if eval_rows else 0
         self.schedule = Schedule(cfg.train.steps, cfg.train.log_every, every, cfg.checkpoint.every)
 
     def train(self) -> RunResult:
+        try:
+            return self._train()
+        finally:
+            if self.lock is not None:
+                self.lock.release()
+
+    def _train(self) -> RunResult:
+        resumed = self.resume()  # first: a checkpoint that cannot be read leaves the folder untouched
         if self.main:
-            self.folder.root.mkdir(parents=True, exist_ok=True)
             with atomic_file(self.folder.config) as handle:
                 handle.write(dump_config(self.cfg))
-        resumed = self.resume()
         self.log_file.write({"event": "start", "step": self.state.optimizer_step, "resumed": resumed,
                              "rows": len(self.rows), "dropped_examples": self.dropped,
                              "processes": self.accelerator.num_processes, "t2tune": __version__})
@@ -216,6 +252,9 @@ class Run:
                 self.checkpoint()
                 self.log_file.write({"event": "stopped", "step": self.state.optimizer_step, "signal": stop.signal})
                 return RunResult(self.state, stopped, stop.signal, self.last_eval, None, self.main)
+        if stopped == "diverged":  # the weights hold the bad update: save nothing, export nothing
+            self.log_file.write({"event": "diverged", "step": self.state.optimizer_step + 1, **self.diverged})
+            return RunResult(self.state, stopped, None, self.last_eval, None, self.main)
         step = self.state.optimizer_step
         if self.eval_rows and self.last_eval.get("step") != step:
             self.validate()
@@ -240,7 +279,9 @@ class Run:
     def step(self) -> StepResult:
         t = self.cfg.train
         indices = next_global_batch(len(self.rows), self.state, t.global_batch_size, t.seed)
-        return train_step(self.engine, [self.rows[i] for i in indices], t)
+        result = train_step(self.engine, [self.rows[i] for i in indices], t)
+        self.diverged = {"loss": result.loss, "grad_norm": result.grad_norm}  # reported if not finite
+        return result
 
     def progress(self, result: StepResult, seconds: float) -> None:
         lr = self.engine.scheduler.get_last_lr()[0]
@@ -292,8 +333,13 @@ class Run:
             acc.wait_for_everyone()
         if self.main:
             e = self.engine
-            write_checkpoint(self.folder, step, self.model, self.tokenizer, e.optimizer, e.scheduler,
-                             self.state.to_dict(), model_state, engine)
+            try:
+                write_checkpoint(self.folder, step, self.model, self.tokenizer, e.optimizer, e.scheduler,
+                                 self.state.to_dict(), model_state, engine)
+            except OSError as exc:  # a full disk: the temporary folder is gone, older checkpoints stay
+                kept = [f"step-{n}" for n, _ in self.folder.checkpoints()]
+                raise UserError(f"{self.folder.step(step).path}: could not write the checkpoint ({exc.strerror}); "
+                                f"kept: {', '.join(kept) or 'no older checkpoint'}") from None
             self.folder.rotate(self.cfg.checkpoint.keep)
         acc.wait_for_everyone()
 
@@ -332,4 +378,8 @@ class Run:
 
     def export(self, path: Path, merge: bool = True) -> Path:
         card = model_card(self.cfg, self.task, self.base_name, self.state, self.last_eval)
-        return export(self.model, self.tokenizer, path, merge=merge, card=card)
+        try:
+            return export(self.model, self.tokenizer, path, merge=merge, card=card)
+        except OSError as exc:
+            raise UserError(f"{path}: could not write the export ({exc.strerror}); the checkpoints are kept, "
+                            "run `t2tune export` on the newest one") from None

@@ -18,13 +18,13 @@ text with references. Both share one path through data, packing, training and ev
 from __future__ import annotations
 
 import re
+import string
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from .config import read_yaml, short
 from .errors import ConfigError
 
 INVALID = "invalid"
@@ -192,36 +192,74 @@ BUILTIN: dict[str, Task] = {
 }
 
 
-def load_task_file(path: Path) -> Task:
-    """A custom task from YAML: ``name``, ``prompt``, optional ``target``, ``labels``, ``metric``."""
+def template_problems(key: str, template: Any) -> list[str]:
+    """Why ``template`` is not a safe prompt/target template: placeholders must be plain column
+    names, so ``str.format`` never reaches attributes, indexes or format specs.
+
+    >>> template_problems("prompt", "q: {question} target:")
+    []
+    >>> template_problems("prompt", "{premise.__class__}")
+    ["'prompt': placeholder {premise.__class__} must be a plain column name (letters, digits, _)"]
+    """
+    if not isinstance(template, str):
+        return [f"'{key}' must be a string, got {type(template).__name__}"]
     try:
-        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read task file ({str(exc).splitlines()[0]})") from None
+        parts = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        return [f"'{key}': {exc} (write a literal brace as {{{{ or }}}})"]
+    problems = []
+    for _, name, spec, conversion in parts:
+        if name is None:
+            continue
+        shown = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+        if not re.fullmatch(r"\w+", name):
+            problems.append(f"'{key}': placeholder {shown} must be a plain column name (letters, digits, _)")
+        elif spec or conversion:
+            problems.append(f"'{key}': placeholder {shown} may not have a format spec or conversion")
+    return problems
+
+
+TASK_KEYS = {"name", "prompt", "target", "labels", "metric", "extra_metrics", "aliases", "truncate_field",
+             "description"}
+
+
+def load_task_file(path: Path) -> Task:
+    """A custom task from YAML: ``name``, ``prompt``, optional ``target``, ``labels``, ``metric``...
+    Every key is checked here, when the task is loaded, so a bad template never trains."""
+    spec = read_yaml(path)
     if not isinstance(spec, dict):
         raise ConfigError(f"{path}: a task file must be a mapping with at least 'prompt'")
-    known = {"name", "prompt", "target", "labels", "metric", "extra_metrics", "aliases", "truncate_field",
-             "description"}
-    errors = [f"{path}: unknown key '{k}'" for k in spec if k not in known]
-    if not isinstance(spec.get("prompt"), str) or not PLACEHOLDER.search(spec.get("prompt", "")):
-        errors.append(f"{path}: 'prompt' must be a string with {{column}} placeholders")
+    errors = [f"unknown key {short(k)}" for k in spec if k not in TASK_KEYS]
+    errors += template_problems("prompt", spec.get("prompt"))
+    if not errors and not PLACEHOLDER.search(spec["prompt"]):
+        errors.append("'prompt' must hold {column} placeholders")
+    errors += template_problems("target", spec.get("target", "{label}"))
     labels = spec.get("labels")
     if labels is not None and (not isinstance(labels, list) or len(labels) < 2
                                or not all(isinstance(x, str) and x.strip() for x in labels)):
-        errors.append(f"{path}: 'labels' must be a list of at least two non-empty strings")
+        errors.append("'labels' must be a list of at least two non-empty strings")
     metric = spec.get("metric", "accuracy" if labels else "squad")
     if metric not in ("accuracy", "squad", "entities"):
-        errors.append(f"{path}: 'metric' must be accuracy, squad or entities, got {metric!r}")
-    if metric == "accuracy" and labels is None:
-        errors.append(f"{path}: metric 'accuracy' needs 'labels'; free-text tasks use 'squad' or 'entities'")
+        errors.append(f"'metric' must be accuracy, squad or entities, got {short(metric)}")
+    elif metric == "accuracy" and labels is None:
+        errors.append("metric 'accuracy' needs 'labels'; free-text tasks use 'squad' or 'entities'")
+    extra = spec.get("extra_metrics", [])
+    if not isinstance(extra, list) or not all(x in ("mcc",) for x in extra):
+        errors.append(f"'extra_metrics' must be a list of: mcc; got {short(extra)}")
+    aliases = spec.get("aliases", {})
+    if not isinstance(aliases, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()):
+        errors.append("'aliases' must map source column names to task column names (strings)")
+    for key in ("name", "description", "truncate_field"):
+        if key in spec and not isinstance(spec[key], str):
+            errors.append(f"'{key}' must be a string, got {type(spec[key]).__name__}")
     if errors:
-        raise ConfigError("; ".join(errors))
-    return Task(name=str(spec.get("name", path.stem)), prompt=spec["prompt"],
-                target=spec.get("target", "{label}"), labels=tuple(labels) if labels else None,
-                metric=metric, extra_metrics=tuple(spec.get("extra_metrics", ())),
-                aliases=dict(spec.get("aliases", {})), truncate_field=spec.get("truncate_field"),
-                prepare=_squad_prepare if metric == "squad" and "{answer}" in spec.get("target", "") else None,
-                description=str(spec.get("description", f"custom task from {path}")))
+        raise ConfigError(f"{path}: " + "; ".join(errors))
+    target = spec.get("target", "{label}")
+    return Task(name=spec.get("name", path.stem), prompt=spec["prompt"], target=target,
+                labels=tuple(labels) if labels else None, metric=metric, extra_metrics=tuple(extra),
+                aliases=dict(aliases), truncate_field=spec.get("truncate_field"),
+                prepare=_squad_prepare if metric == "squad" and "{answer}" in target else None,
+                description=spec.get("description", f"custom task from {path}"))
 
 
 def get_task(name_or_path: str) -> Task:
