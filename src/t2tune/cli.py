@@ -58,7 +58,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 # --- evaluate / predict --------------------------------------------------------------------
 
 EVAL_FLAGS = {"mode": "--mode", "max_new_tokens": "--max-new-tokens", "batch_size": "--batch-size",
-              "seq_len": "--seq-len", "limit": "--limit", "precision": "--precision"}
+              "seq_len": "--seq-len", "limit": "--limit", "precision": "--precision",
+              "entity_parsing": "--entity-parsing"}
+
+
+def _count_or_auto(text: str) -> int | str:
+    return text if text == "auto" else int(text)
 
 
 def _eval_config(args: argparse.Namespace) -> Any:
@@ -100,9 +105,11 @@ def cmd_evaluate(args: argparse.Namespace, predict: bool = False) -> int:
     from .data import load_examples, with_hub_defaults
     from .evaluation import evaluate
     from .models import load_model
+    from .recipe import process_state
     from .tasks import get_task
 
     config = _eval_config(args)  # checked before anything slow
+    processes = process_state()  # under accelerate launch, every process takes a share of the rows
     task = get_task(args.task)
     loaded = load_model(ModelConfig(name=args.model, attn_implementation=args.attn,
                                     trust_remote_code=args.trust_remote_code))
@@ -113,7 +120,10 @@ def cmd_evaluate(args: argparse.Namespace, predict: bool = False) -> int:
         import torch
 
         torch.set_num_threads(args.threads)  # a process setting: the CLI's to make
-    result = evaluate(loaded.model, loaded.tokenizer, task, rows, config, with_metrics=not predict)
+    result = evaluate(loaded.model, loaded.tokenizer, task, rows, config, with_metrics=not predict,
+                      processes=processes)
+    if not processes.is_main_process:
+        return 0
     if args.out:
         _write_jsonl(Path(args.out).expanduser(), result.records)
     summary = result.summary(task, args.mode)
@@ -192,13 +202,16 @@ def _eval_args(p: argparse.ArgumentParser, predict: bool) -> None:
     p.add_argument("--split", default="validation", help="split name for folders and hub datasets")
     p.add_argument("--hub-config", default=None, help="hub dataset configuration (e.g. mnli)")
     p.add_argument("--mode", choices=sorted(CHOICES["eval.mode"]), default=defaults.mode)
-    p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
+    p.add_argument("--max-new-tokens", type=_count_or_auto, default=defaults.max_new_tokens,
+                   help="auto (default): from the labels, or from the rows' answers for free-text tasks")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
     p.add_argument("--seq-len", type=int, default=defaults.seq_len)
     p.add_argument("--limit", type=int, default=defaults.limit)
     p.add_argument("--precision", choices=sorted(CHOICES["eval.precision"]), default=defaults.precision,
                    help="eval.precision; bf16-checked: bf16, with close calls redone in fp32 (fp32 predictions, "
                         "most of bf16 speed)")
+    p.add_argument("--entity-parsing", choices=sorted(CHOICES["eval.entity_parsing"]),
+                   default=defaults.entity_parsing, help="cut-off entity lists: keep the well-formed entities or none")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--attn", default="sdpa", help="attention implementation (eager, sdpa)")
     p.add_argument("--trust-remote-code", action="store_true")

@@ -88,12 +88,17 @@ class CheckpointConfig:
 @dataclass
 class EvalConfig:
     every: int = 0  # optimizer steps between validations during training; 0 = only at the end
-    max_new_tokens: int = 5
+    # auto: from the data (label tasks: the longest label + EOS; free text: the longest training
+    # target + EOS, plus a margin; see tokenize.generation_length), or a number of tokens
+    max_new_tokens: int | str = "auto"
     batch_size: int = 32
     seq_len: int = 512  # prompts longer than this are cut from the left
     limit: int | None = None  # validation rows used; null = all
     mode: str = "generate"  # generate (the reference) | score
     precision: str = "fp32"  # fp32 | bf16 (autocast) | bf16-checked (bf16, close calls redone in fp32)
+    # entity lists cut off or garbled: lenient keeps a row's well-formed entities, strict drops
+    # them all; either way the row is counted as malformed
+    entity_parsing: str = "lenient"
 
 
 @dataclass
@@ -116,6 +121,7 @@ CHOICES = {
     "train.schedule": {"constant", "linear", "cosine"},
     "train.precision": {"fp32", "bf16"},
     "eval.precision": {"fp32", "bf16", "bf16-checked"},
+    "eval.entity_parsing": {"lenient", "strict"},
     "train.loss_on": {"all", "target"},
     "train.packing": {"concat", "isolated", "none"},
     "train.method": {"full", "lora", "qlora"},
@@ -142,7 +148,7 @@ MAX_CONFIG_BYTES = 1 << 20  # configs and task files are a few hundred bytes; th
 # a run folder may be moved or renamed and still resume).
 RESUME_SAFE = {"out_dir", "train.steps", "checkpoint.every", "checkpoint.keep", "eval.every", "eval.limit",
                "eval.batch_size", "eval.max_new_tokens", "eval.seq_len", "eval.mode", "eval.precision",
-               "train.log_every", "train.threads", "train.max_minutes", "data.validation",
+               "eval.entity_parsing", "train.log_every", "train.threads", "train.max_minutes", "data.validation",
                "data.validation_split"}
 
 
@@ -300,7 +306,10 @@ def _check_values(cfg: RunConfig) -> list[str]:
             errors.append(f"{key}: must be one of {', '.join(sorted(allowed))}, got {short(get_key(cfg, key))}")
     for key, allowed in RANGES.items():
         value = get_key(cfg, key)
-        if value is not None and not _RANGE_TESTS[allowed](value):
+        if isinstance(value, str):  # the only string a numeric key takes is auto
+            if value != "auto":
+                errors.append(f"{key}: must be a number {allowed} or auto, got {short(value)}")
+        elif value is not None and not _RANGE_TESTS[allowed](value):
             errors.append(f"{key}: must be {allowed}, got {value}")
     t = cfg.train
     problem = batch_size_problem(t)

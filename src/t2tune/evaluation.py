@@ -21,6 +21,7 @@ precision: fp32; bf16 (autocast: about 1.8× faster on an AVX512-BF16 CPU, but a
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ from .loss import precision_context
 from .metrics import compute_metrics
 from .models import decoder_and_head
 from .tasks import Task
-from .tokenize import answer_ids, encode_prompts
+from .tokenize import answer_ids, encode_prompts, generation_length
 
 # bf16 autocast moved the fp32 gap between the top token and any other by at most 0.30 logits
 # (512 MNLI validation prompts, demo model; median 0.16): a decision wider than this margin
@@ -69,15 +70,18 @@ def _batches_by_length(lengths: Sequence[int], batch_size: int) -> list[list[int
 
 @torch.no_grad()
 def generate_texts(model: Any, tokenizer: Any, prompt_ids: Sequence[list[int]], max_new_tokens: int,
-                   batch_size: int, precision: str = "fp32", stats: dict[str, int] | None = None) -> list[str]:
+                   batch_size: int, precision: str = "fp32", stats: dict[str, int] | None = None,
+                   batches: list[list[int]] | None = None, synced: bool = False) -> list[str]:
     """Greedy continuations (decoded, special tokens kept so EOS can be cut) in input order.
-    With ``bf16-checked``, ``stats["rechecked_fp32"]`` counts the rows redone in fp32."""
+    With ``bf16-checked``, ``stats["rechecked_fp32"]`` counts the rows redone in fp32.
+    ``batches`` (index lists) replaces the length-sorted batching, e.g. with one process's share;
+    ``synced`` keeps every process stepping until all are done (sharded weights)."""
     device = next(model.parameters()).device
     pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
     checked = precision == "bf16-checked"
     unsure: list[int] = []
     out: list[str] = [""] * len(prompt_ids)
-    for batch in _batches_by_length([len(p) for p in prompt_ids], batch_size):
+    for batch in batches if batches is not None else _batches_by_length([len(p) for p in prompt_ids], batch_size):
         width = max(len(prompt_ids[i]) for i in batch)
         ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -89,7 +93,8 @@ def generate_texts(model: Any, tokenizer: Any, prompt_ids: Sequence[list[int]], 
             generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
                                        max_new_tokens=max_new_tokens, eos_token_id=eos_id,
                                        pad_token_id=pad_id, num_beams=1, temperature=None, top_p=None, top_k=None,
-                                       output_scores=checked, return_dict_in_generate=checked)
+                                       output_scores=checked, return_dict_in_generate=checked,
+                                       synced_gpus=synced)
         if checked:
             unsure.extend(batch[row] for row in _close_calls(generated, width, eos_id))
             generated = generated.sequences
@@ -128,11 +133,13 @@ def _close_calls(generated: Any, width: int, eos_id: int) -> list[int]:
 
 @torch.no_grad()
 def score_labels(model: Any, tokenizer: Any, prompt_ids: Sequence[list[int]], labels: Sequence[str],
-                 batch_size: int, precision: str = "fp32", stats: dict[str, int] | None = None) -> list[list[float]]:
+                 batch_size: int, precision: str = "fp32", stats: dict[str, int] | None = None,
+                 batches: list[list[int]] | None = None) -> list[list[float]]:
     """Total log-likelihood of every label (with EOS) after every prompt, one forward per prompt.
-    With ``bf16-checked``, prompts whose two best labels are within CHECK_MARGIN are rescored in fp32."""
+    With ``bf16-checked``, prompts whose two best labels are within CHECK_MARGIN are rescored in fp32.
+    ``batches`` as for :func:`generate_texts` (rows outside them get no scores)."""
     if precision == "bf16-checked":
-        scores = score_labels(model, tokenizer, prompt_ids, labels, batch_size, "bf16")
+        scores = score_labels(model, tokenizer, prompt_ids, labels, batch_size, "bf16", batches=batches)
         unsure = [i for i, row in enumerate(scores) if len(row) > 1 and _gap(row) < CHECK_MARGIN]
         _redo_in_fp32(scores, unsure, lambda subset: score_labels(model, tokenizer, subset, labels, batch_size),
                       prompt_ids, stats)
@@ -141,7 +148,7 @@ def score_labels(model: Any, tokenizer: Any, prompt_ids: Sequence[list[int]], la
     conts = answer_ids(tokenizer, labels)  # each label as trained
     extra = sum(len(c) for c in conts)
     scores: list[list[float]] = [[] for _ in prompt_ids]
-    for batch in _batches_by_length([len(p) for p in prompt_ids], batch_size):
+    for batch in batches if batches is not None else _batches_by_length([len(p) for p in prompt_ids], batch_size):
         width = max(len(prompt_ids[i]) for i in batch) + extra
         ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
         pos = torch.zeros((len(batch), width), dtype=torch.long)
@@ -206,14 +213,39 @@ def _logits_at(model: Any, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Ten
     return head(hidden[rows, cols])
 
 
+def share(batches: list[list[int]], rank: int, world: int) -> tuple[list[list[int]], list[int]]:
+    """One process's part of the batches: whole batches dealt round-robin (so each row is
+    computed in the very batch it has on one process), padded with a repeat of a batch so that
+    every process runs as many forward passes (sharded engines run them together). Returns the
+    batches to run and the rows this process reports.
+
+    >>> share([[0, 1], [2, 3], [4]], rank=1, world=2)
+    ([[2, 3], [2, 3]], [2, 3])
+    """
+    mine = batches[rank::world]
+    rounds = -(-len(batches) // world)
+    padded = mine + [(mine or batches)[0]] * (rounds - len(mine))
+    return padded, [i for batch in mine for i in batch]
+
+
 def evaluate(model: Any, tokenizer: Any, task: Task, rows: Sequence[dict[str, Any]],
-             config: EvalConfig | None = None, with_metrics: bool = True, **settings: Any) -> EvalResult:
+             config: EvalConfig | None = None, with_metrics: bool = True, processes: Any = None,
+             targets: Sequence[str] | None = None, **settings: Any) -> EvalResult:
     """Predict every row and (when rows have targets) compute the task's metrics.
 
     ``config`` (default: ``EvalConfig()``) gives mode, max_new_tokens, batch_size, seq_len and
-    precision; keyword ``settings`` replace single fields of it."""
+    precision; keyword ``settings`` replace single fields of it. ``processes`` (an accelerate
+    ``Accelerator`` or ``PartialState``) splits the rows over every process; all of them must
+    call this, the main process gets every record and the metrics. ``targets`` (the training
+    targets) measure ``max_new_tokens: auto`` for free-text tasks; without them the rows' own
+    references do. Generations that reach the limit without EOS are counted as ``truncated``."""
     ec = dataclasses.replace(config or EvalConfig(), **settings)
     mode, precision, max_new_tokens, batch_size = ec.mode, ec.precision, ec.max_new_tokens, ec.batch_size
+    world = processes.num_processes if processes is not None else 1
+    sharded = world > 1 and processes.distributed_type.name in ("FSDP", "DEEPSPEED")
+    if sharded and precision == "bf16-checked":
+        raise ConfigError("eval.precision: bf16-checked redoes a different number of rows on each process, which "
+                          "sharded weights (FSDP, DeepSpeed) cannot do; use bf16 or fp32")
     if mode == "score" and not task.is_label_task:
         raise ConfigError(f"eval.mode: score mode needs a label task; '{task.name}' has free-text answers, "
                           "use --mode generate")
@@ -224,18 +256,33 @@ def evaluate(model: Any, tokenizer: Any, task: Task, rows: Sequence[dict[str, An
     was_training = model.training
     model.eval()
     start = time.perf_counter()
+    full = encode_prompts(tokenizer, [task.prompt_text(r) for r in rows], sys.maxsize)
+    if mode == "generate" and max_new_tokens == "auto":
+        max_new_tokens = _auto_length(task, tokenizer, rows, targets, ec.seq_len, full)
     budget = ec.seq_len - (max_new_tokens if mode == "generate" else sum(map(len, answer_ids(
         tokenizer, task.labels or ()))))
-    prompt_ids = encode_prompts(tokenizer, [task.prompt_text(r) for r in rows], max(1, budget))
+    prompt_ids = [p[-max(1, budget):] for p in full]  # cut from the left: the end holds "target:"
+    batches = _batches_by_length([len(p) for p in prompt_ids], batch_size)
+    if world > 1:
+        batches, owned = share(batches, processes.process_index, world)
     records = []
     stats: dict[str, int] = {}
     if mode == "generate":
-        texts = generate_texts(model, tokenizer, prompt_ids, max_new_tokens, batch_size, precision, stats)
+        texts = generate_texts(model, tokenizer, prompt_ids, max_new_tokens, batch_size, precision, stats,
+                               batches=batches, synced=sharded)
+        if world > 1:
+            texts, stats = _gathered(texts, owned, stats)
         for row, text in zip(rows, texts):
             records.append({**public_fields(row), "generated": text,
-                            "prediction": task.postprocess(text, tokenizer.eos_token)})
+                            "prediction": task.postprocess(text, tokenizer.eos_token),
+                            "truncated": tokenizer.eos_token not in text})
+        stats["truncated"] = sum(r["truncated"] for r in records)
+        stats["max_new_tokens"] = max_new_tokens
     else:
-        all_scores = score_labels(model, tokenizer, prompt_ids, task.labels, batch_size, precision, stats)
+        all_scores = score_labels(model, tokenizer, prompt_ids, task.labels, batch_size, precision, stats,
+                                  batches=batches)
+        if world > 1:
+            all_scores, stats = _gathered(all_scores, owned, stats)
         for row, scores in zip(rows, all_scores):
             best = max(range(len(scores)), key=scores.__getitem__)
             records.append({**public_fields(row), "scores": dict(zip(task.labels, scores)),
@@ -243,12 +290,43 @@ def evaluate(model: Any, tokenizer: Any, task: Task, rows: Sequence[dict[str, An
     seconds = time.perf_counter() - start
     model.train(was_training)
     metrics: dict[str, Any] = {}
-    if with_metrics and rows and _has_targets(task, rows[0]):
+    main = processes is None or processes.is_main_process
+    if with_metrics and main and rows and _has_targets(task, rows[0]):  # once, on the main process
         refs = [task.references(r) for r in rows]
         for record, ref in zip(records, refs):
             record["label"] = ref[0] if len(ref) == 1 else ref
-        metrics = compute_metrics(task, [r["prediction"] for r in records], refs)
+        metrics = compute_metrics(task, [r["prediction"] for r in records], refs, ec.entity_parsing)
+    if main and stats.get("truncated"):
+        print(f"t2tune: warning: {stats['truncated']} of {len(records)} generations reached max_new_tokens="
+              f"{max_new_tokens} without their end-of-text token, so their answers may be cut off; raise "
+              "eval.max_new_tokens (--max-new-tokens)", file=sys.stderr)
     return EvalResult({**metrics, **stats}, records, seconds)
+
+
+def _auto_length(task: Task, tokenizer: Any, rows: Sequence[dict[str, Any]], targets: Sequence[str] | None,
+                 seq_len: int, prompt_ids: Sequence[list[int]]) -> int:
+    """``max_new_tokens: auto`` for these rows (see :func:`t2tune.tokenize.generation_length`)."""
+    if targets is None and not task.is_label_task:
+        if not rows or not _has_targets(task, rows[0]):
+            raise ConfigError("eval.max_new_tokens: auto measures the answers of training data or labelled rows, "
+                              "and these rows have none; give a number (--max-new-tokens N)")
+        targets = [answer for row in rows for answer in task.references(row)]
+    longest_prompt = max((len(p) for p in prompt_ids), default=0)
+    return generation_length(task, tokenizer, targets or [], seq_len, longest_prompt)
+
+
+def _gathered(results: list[Any], owned: list[int], stats: dict[str, int]) -> tuple[list[Any], dict[str, int]]:
+    """Every process's results for the rows it owns, in input order, and summed stats."""
+    from accelerate.utils import gather_object
+
+    merged = list(results)
+    for index, value in gather_object([(i, results[i]) for i in owned]):
+        merged[index] = value
+    total: dict[str, int] = {}
+    for part in gather_object([stats]):
+        for key, value in part.items():
+            total[key] = total.get(key, 0) + value
+    return merged, total
 
 
 def _has_targets(task: Task, row: dict[str, Any]) -> bool:

@@ -9,7 +9,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from .tasks import INVALID, Task, parse_entities
+from .tasks import INVALID, Task, read_entities
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = set(string.punctuation)
@@ -92,19 +92,18 @@ def _prf(tp: int, n_pred: int, n_gold: int) -> dict[str, float]:
     return {"precision": precision, "recall": recall, "f1": f1}
 
 
-def entity_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict[str, Any]:
-    """Micro precision/recall/F1 over (type, span) pairs, matched as multisets per sentence;
-    malformed generations count as predicting no entities and are reported."""
+def entity_metrics(predictions: Sequence[str], references: Sequence[str], policy: str = "lenient") -> dict[str, Any]:
+    """Micro precision/recall/F1 over (type, span) pairs, matched as multisets per sentence.
+    A malformed generation is counted (``malformed``); under ``lenient`` its well-formed
+    entities still count, under ``strict`` it predicts none (see :func:`read_entities`)."""
     tp: Counter = Counter()
     n_pred: Counter = Counter()
     n_gold: Counter = Counter()
     malformed = 0
     for pred_text, gold_text in zip(predictions, references):
-        pred = parse_entities(pred_text)
-        if pred is None:
-            malformed += 1
-            pred = []
-        gold = parse_entities(gold_text) or []
+        pred, well_formed = read_entities(pred_text, policy)
+        malformed += not well_formed
+        gold, _ = read_entities(gold_text)
         matched = Counter(pred) & Counter(gold)
         for (kind, _), count in matched.items():
             tp[kind] += count
@@ -118,12 +117,13 @@ def entity_metrics(predictions: Sequence[str], references: Sequence[str]) -> dic
     return out
 
 
-def compute_metrics(task: Task, predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, Any]:
+def compute_metrics(task: Task, predictions: Sequence[str], references: Sequence[Sequence[str]],
+                    entity_parsing: str = "lenient") -> dict[str, Any]:
     if task.metric == "accuracy":
         return label_metrics(task, predictions, [r[0] for r in references])
     if task.metric == "squad":
         return squad_metrics(predictions, references)
-    return entity_metrics(predictions, [r[0] for r in references])
+    return entity_metrics(predictions, [r[0] for r in references], entity_parsing)
 
 
 def headline(task: Task) -> str:

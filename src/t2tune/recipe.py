@@ -93,9 +93,7 @@ def prepare(cfg: RunConfig, *, overwrite: bool = False, task: Task | None = None
         check_model_name(cfg.model.name)
     if cfg.train.method == "qlora":
         check_qlora_available()
-    from accelerate import PartialState
-
-    process = PartialState(cpu=not torch.cuda.is_available())
+    process = process_state()
     folder = RunFolder(Path(cfg.out_dir))
     lock = _claim(folder, cfg, overwrite, process)
     if train_rows is None:
@@ -110,11 +108,19 @@ def prepare(cfg: RunConfig, *, overwrite: bool = False, task: Task | None = None
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     t = cfg.train
-    problem = batch_size_problem(t, accelerator.num_processes)
+    problem = batch_size_problem(t, process.num_processes)
     if problem:
         raise ConfigError(problem)
+    # accumulate() marks the last micro-batch of each step, which DDP (sync) and DeepSpeed (its
+    # engine step) both need; the count is the micro-batches per process per optimizer step
+    accumulation = t.global_batch_size // (t.micro_batch_size * process.num_processes)
+    if accelerator is None:
+        accelerator = Accelerator(cpu=_cpu_only(), gradient_accumulation_steps=accumulation)
+        _fill_deepspeed_config(accelerator, cfg, accumulation)
+    elif accelerator.gradient_accumulation_steps != accumulation:
+        raise ConfigError(f"the accelerator given accumulates {accelerator.gradient_accumulation_steps} micro-batches "
+                          f"per step; train.global_batch_size / (train.micro_batch_size × processes) = {accumulation}")
     set_seed(t.seed)  # before LoRA's adapters are initialised
     model = prepare_for_training(model, t, cfg.lora, base_name or cfg.model.name)
     examples, dropped = encode_for_training(task, train_rows, tokenizer, t.seq_len, t.truncate)
@@ -122,13 +128,74 @@ def prepare(cfg: RunConfig, *, overwrite: bool = False, task: Task | None = None
         _warn(f"{dropped} training examples dropped: truncating '{task.truncate_field}' to fit "
               "train.seq_len would cut their answer")
     rows = pack(examples, t.packing, t.seq_len, t.loss_on, tokenizer.pad_token_id)
-    loss_module = accelerator.prepare(LossModule(model))
-    optimizer = accelerator.prepare(make_optimizer(loss_module, t))
+    loss_module = LossModule(model)
+    # together: DeepSpeed builds its engine around the model and the optimizer at once
+    loss_module, optimizer = accelerator.prepare(loss_module, make_optimizer(loss_module, t))
     engine = Engine(accelerator, loss_module, optimizer, make_scheduler(optimizer, t), tokenizer.pad_token_id)
     run = Run(cfg, folder, task, model, tokenizer, engine, rows, dropped, list(eval_rows or []),
               eval_config or cfg.eval, metric, base_name or cfg.model.name)
     run.lock = lock
+    if not task.is_label_task:  # what eval.max_new_tokens: auto measures
+        run.length_targets = [task.target_text(row) for row in train_rows]
     return run
+
+
+ENGINE_DEVICES = {"FSDP": "FSDP needs GPUs; use DeepSpeed ZeRO-3 or DDP (accelerate launch --multi_gpu) on CPU",
+                  "DEEPSPEED": "DeepSpeed did not set up its processes; is the deepspeed package installed?",
+                  "NO": "the processes did not join one group; use accelerate launch --multi_gpu for DDP"}
+
+
+def process_state() -> Any:
+    """Create accelerate's process state, the first thing a run does. Without an accelerator,
+    processes join through gloo (DeepSpeed would otherwise leave each believing it is alone).
+    A launcher that started more processes than joined the group is refused: each would run
+    alone and write the same out_dir."""
+    import os
+
+    from accelerate import PartialState
+
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    gloo = launched > 1 and not torch.cuda.is_available()
+    process = PartialState(cpu=_cpu_only(), **({"backend": "gloo"} if gloo else {}))
+    requested, running = _requested_engine(), process.distributed_type.name
+    if launched > process.num_processes:
+        raise UserError(f"the launcher started {launched} processes but {process.num_processes} joined: "
+                        f"{ENGINE_DEVICES[requested]}")
+    if requested != "NO" and requested != running:  # never a quiet fallback to another engine
+        raise UserError(f"accelerate launch asked for {requested} but {running} started: {ENGINE_DEVICES[requested]}")
+    return process
+
+
+def _cpu_only() -> bool:
+    """accelerate's ``cpu`` flag: on a machine without an accelerator it makes a multi-process
+    launch DDP over gloo, but it would also quietly turn DeepSpeed into DDP, so not for that."""
+    return not torch.cuda.is_available() and _requested_engine() != "DEEPSPEED"
+
+
+def _requested_engine() -> str:
+    import os
+
+    for engine in ("FSDP", "DEEPSPEED"):
+        if os.environ.get(f"ACCELERATE_USE_{engine}", "").lower() == "true":
+            return engine
+    return "NO"
+
+
+def _fill_deepspeed_config(accelerator: Any, cfg: RunConfig, accumulation: int) -> None:
+    """What a DeepSpeed config leaves to the training code ('auto' or absent) comes from
+    ``train.*``: micro batch, gradient clipping (DeepSpeed clips inside its step), and leave to
+    run torch's AdamW. The accumulation count is t2tune's, whatever the launcher's file says:
+    ``train.global_batch_size`` defines the step."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return
+    ds = plugin.deepspeed_config
+    ds["gradient_accumulation_steps"] = plugin.gradient_accumulation_steps = accumulation
+    for key, value in (("train_micro_batch_size_per_gpu", cfg.train.micro_batch_size),
+                       ("gradient_clipping", cfg.train.grad_clip or 0.0)):
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+    ds.setdefault("zero_allow_untested_optimizer", True)
 
 
 def _claim(folder: RunFolder, cfg: RunConfig, overwrite: bool, process: Any) -> Any:
@@ -218,12 +285,16 @@ class Run:
         self.main = self.accelerator.is_main_process
         self.state = TrainState()
         self.log_file = MetricsLog(folder.metrics, self.main)
-        self.last_eval: dict[str, Any] = {}
         self.bar: Any = None
         self.lock: Any = None  # the out_dir lock (main process), released when train() ends
+        self.length_targets: list[str] | None = None  # training targets of a free-text task
         self.diverged: dict[str, Any] = {}
         every = eval_config.every if eval_rows else 0
         self.schedule = Schedule(cfg.train.steps, cfg.train.log_every, every, cfg.checkpoint.every)
+
+    @property
+    def last_eval(self) -> dict[str, Any]:
+        return self.state.last_eval
 
     def train(self) -> RunResult:
         try:
@@ -260,8 +331,9 @@ class Run:
             self.validate()
         if step not in [n for n, _ in self.folder.checkpoints()]:
             self.checkpoint()
+        weights = self._full_weights()
         if self.main:
-            self.export(self.folder.export)
+            self.export(self.folder.export, weights=weights)
             self.log_file.write({"event": "end", "step": step, "best": self.state.best,
                                  "tokens_seen": self.state.tokens_seen, "train_seconds": self.state.train_seconds})
         self.accelerator.wait_for_everyone()
@@ -298,15 +370,16 @@ class Run:
                              "train_seconds": round(s.train_seconds, 3)})
 
     def validate(self) -> None:
-        """Validate on the main process, record the best step, log and plot."""
+        """Validate on every process (each runs its share); the main process records the best
+        step, logs and plots."""
+        result = self.evaluate()
         if self.main:
-            result = self.evaluate()
             summary = result.summary(self.task, self.eval_config.mode)
             key, step = headline(self.task), self.state.optimizer_step
             value = summary.get(key, 0.0)
             if not self.state.best or value > self.state.best.get(key, -1):
                 self.state.best = {"step": step, key: value}
-            self.last_eval = {**summary, "step": step}
+            self.state.last_eval = {**summary, "step": step}
             self.log_file.write({"event": "eval", "step": step, **summary, "best_step": self.state.best["step"],
                                  "train_seconds": round(self.state.train_seconds, 3), "metrics": result.metrics})
             if self.bar is not None:
@@ -315,16 +388,25 @@ class Run:
             refresh_plots(self.folder.plots, read_events(self.folder.metrics), result.metrics)
         self.accelerator.wait_for_everyone()
 
+    def _sharded(self) -> bool:
+        return self.accelerator.distributed_type.name in ("FSDP", "DEEPSPEED")
+
+    def _full_weights(self) -> dict[str, Any] | None:
+        """Under FSDP / DeepSpeed, the full weights gathered to the main process (a collective:
+        every process calls it); None elsewhere, and where the model object holds them itself."""
+        if not self._sharded():
+            return None
+        state = self.accelerator.get_state_dict(self.engine.loss_module)
+        if not self.main or state is None:
+            return None
+        return {k.removeprefix("model."): v for k, v in state.items()}
+
     def checkpoint(self) -> None:
         acc, step = self.accelerator, self.state.optimizer_step
-        sharded = acc.distributed_type.name in ("FSDP", "DEEPSPEED")
-        model_state = None
-        if sharded:  # the full weights, gathered to the main process (collective)
-            model_state = acc.get_state_dict(self.engine.loss_module)
-            model_state = {k.removeprefix("model."): v for k, v in model_state.items()}
+        model_state = self._full_weights()
         engine = None
         fmt = self.cfg.checkpoint.format
-        if fmt == "accelerate" or (fmt == "auto" and sharded):
+        if fmt == "accelerate" or (fmt == "auto" and self._sharded()):
             engine = self.folder.engine_staging(step)
             if self.main:
                 shutil.rmtree(engine, ignore_errors=True)  # left by a run killed mid-save
@@ -370,16 +452,18 @@ class Run:
         """Validate on the eval rows with the eval config; metrics via ``metric`` when given."""
         ec = self.eval_config
         rows = self.eval_rows[: (limit or ec.limit or len(self.eval_rows))]
-        result = evaluate(self.model, self.tokenizer, self.task, rows, ec, with_metrics=self.metric is None)
-        if self.metric is not None:
+        result = evaluate(self.model, self.tokenizer, self.task, rows, ec, with_metrics=self.metric is None,
+                          processes=self.accelerator, targets=self.length_targets)
+        if self.metric is not None and self.main:
             result.metrics = dict(self.metric([r["prediction"] for r in result.records],
                                               [self.task.references(r) for r in rows]))
         return result
 
-    def export(self, path: Path, merge: bool = True) -> Path:
+    def export(self, path: Path, merge: bool = True, weights: dict[str, Any] | None = None) -> Path:
+        """Write the Hugging Face export (main process); ``weights``: gathered full weights."""
         card = model_card(self.cfg, self.task, self.base_name, self.state, self.last_eval)
         try:
-            return export(self.model, self.tokenizer, path, merge=merge, card=card)
+            return export(self.model, self.tokenizer, path, merge=merge, card=card, weights=weights)
         except OSError as exc:
             raise UserError(f"{path}: could not write the export ({exc.strerror}); the checkpoints are kept, "
                             "run `t2tune export` on the newest one") from None

@@ -133,6 +133,32 @@ def render_entities(entities: list[tuple[str, str]]) -> str:
     return "; ".join(f"{kind}: {text}" for kind, text in entities) if entities else NO_ENTITIES
 
 
+def read_entities(text: str, policy: str = "lenient") -> tuple[list[tuple[str, str]], bool]:
+    """Generated entity list → ``(entities, well_formed)``, the policy for partly well-formed
+    lists. A list is malformed when any part is not ``TYPE: span``, as when generation was cut
+    off; ``strict`` then predicts nothing for the row, ``lenient`` keeps its well-formed entities.
+
+    >>> read_entities("PER: Marcello Cuttitta; PER", "lenient")
+    ([('PER', 'Marcello Cuttitta')], False)
+    >>> read_entities("PER: Marcello Cuttitta; PER", "strict")
+    ([], False)
+    >>> read_entities("none")
+    ([], True)
+    """
+    text = text.strip()
+    if text == NO_ENTITIES:
+        return [], True
+    entities, well_formed = [], True
+    for part in text.split(";"):
+        kind, sep, span = part.strip().partition(":")
+        if not sep or kind.strip() not in ENTITY_TYPES or not span.strip():
+            well_formed = False
+            continue
+        entities.append((kind.strip(), span.strip()))
+    well_formed = well_formed and bool(entities)
+    return (entities if well_formed or policy == "lenient" else []), well_formed
+
+
 def parse_entities(text: str) -> list[tuple[str, str]] | None:
     """Inverse of :func:`render_entities`; None when the text is malformed.
 
@@ -143,16 +169,8 @@ def parse_entities(text: str) -> list[tuple[str, str]] | None:
     >>> parse_entities("John Smith") is None
     True
     """
-    text = text.strip()
-    if text == NO_ENTITIES:
-        return []
-    entities = []
-    for part in text.split(";"):
-        kind, sep, span = part.strip().partition(":")
-        if not sep or kind.strip() not in ENTITY_TYPES or not span.strip():
-            return None
-        entities.append((kind.strip(), span.strip()))
-    return entities or None
+    entities, well_formed = read_entities(text, "strict")
+    return entities if well_formed else None
 
 
 def _conll_prepare(row: dict[str, Any]) -> dict[str, Any]:

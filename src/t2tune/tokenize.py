@@ -102,3 +102,28 @@ def _truncate(task: Task, row: dict[str, Any], example: Encoded, tokenizer: Any,
     keep = limit - len(target)  # keep the end of the prompt: it holds "target:"
     prompt = example.ids[:example.n_prompt][-keep:]
     return Encoded(prompt + target, len(prompt))
+
+
+def generation_length(task: Task, tokenizer: Any, targets: Sequence[str], seq_len: int,
+                      longest_prompt: int) -> int:
+    """``eval.max_new_tokens: auto``. Label tasks: the longest label with EOS (nothing longer can
+    be a valid answer). Free text: the longest of ``targets`` with EOS (the training targets,
+    or labelled evaluation rows), plus a margin of a quarter and at least 4 tokens; capped by
+    what ``seq_len`` leaves after the longest prompt, but never below the longest target itself
+    (the prompt is then cut from the left instead).
+
+    >>> from types import SimpleNamespace as N
+    >>> tok = lambda texts, add_special_tokens: {"input_ids": [t.split() for t in texts]}
+    >>> tok.eos_token_id = 0
+    >>> generation_length(N(labels=None), tok, ["a b c", "d"], seq_len=100, longest_prompt=20)  # 4 + 4
+    8
+    >>> generation_length(N(labels=None), tok, ["a b c", "d"], seq_len=26, longest_prompt=20)  # capped at 6
+    6
+    """
+    if task.labels:
+        return max(len(ids) for ids in answer_ids(tokenizer, task.labels))
+    if not targets:
+        raise ValueError("no targets to measure")
+    longest = max(len(ids) for ids in answer_ids(tokenizer, targets))
+    wanted = longest + max(4, -(-longest // 4))
+    return min(wanted, max(seq_len - longest_prompt, longest))

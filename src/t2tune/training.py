@@ -12,7 +12,6 @@ processes follow the same curve.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import signal
 from collections.abc import Sequence
@@ -36,6 +35,7 @@ class TrainState:
     tokens_seen: int = 0  # real (non-padding) input tokens trained on
     train_seconds: float = 0.0
     best: dict[str, Any] = field(default_factory=dict)  # {"step", metric: value} of the best validation
+    last_eval: dict[str, Any] = field(default_factory=dict)  # the last validation's summary, with its step
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainState:
@@ -135,20 +135,22 @@ def train_step(engine: Engine, batch: Sequence[PackedRow], cfg: TrainConfig) -> 
     counts = acc.reduce(counts, reduction="sum")
     label_tokens = max(1.0, counts[0].item())
     loss_sum = torch.zeros((), device=device)
-    for index, tensors in enumerate(batches):
+    for tensors in batches:
         tensors = {k: v.to(device) for k, v in tensors.items()}
-        # gradients sync on the last micro-batch only
-        sync = acc.no_sync(engine.loss_module) if index < len(batches) - 1 else contextlib.nullcontext()
-        with sync:  # the backward too must run inside no_sync, or DDP all-reduces every micro-batch
+        # accumulate() syncs gradients (DDP) or steps the engine (DeepSpeed) on the last
+        # micro-batch only; the backward runs inside it, or DDP all-reduces every micro-batch
+        with acc.accumulate(engine.loss_module):
             with precision_context(cfg.precision, device):
                 summed = engine.loss_module(**tensors)
-            # DDP averages gradients over processes; scaling by `world` makes the result the
-            # gradient of (sum of token losses over the global batch) / (its label tokens)
-            acc.backward(summed * world / label_tokens)
+            # DDP and DeepSpeed average gradients over processes and accelerate divides by the
+            # micro-batch count; scaling by both makes the result the gradient of
+            # (sum of token losses over the global batch) / (its label tokens)
+            acc.backward(summed * world * acc.gradient_accumulation_steps / label_tokens)
         loss_sum += summed.detach()
     grad_norm = None
-    if cfg.grad_clip is not None:
-        grad_norm = float(acc.clip_grad_norm_(engine.loss_module.parameters(), cfg.grad_clip))
+    if cfg.grad_clip is not None:  # DeepSpeed clips inside its step and reports the norm here
+        norm = acc.clip_grad_norm_(engine.loss_module.parameters(), cfg.grad_clip)
+        grad_norm = None if norm is None else float(norm)
     engine.optimizer.step()
     engine.scheduler.step()
     engine.optimizer.zero_grad(set_to_none=True)
