@@ -18,6 +18,9 @@ class FakeRun:
     def out_of_time(self) -> bool:
         return self.late_at is not None and self.state.optimizer_step >= self.late_at
 
+    def agree(self, seconds: float) -> float:
+        return seconds
+
     def step(self) -> StepResult:
         if self.signal_at == self.state.optimizer_step + 1:
             self.stop.signal = signal.SIGTERM  # arrives during this step

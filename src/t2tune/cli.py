@@ -105,7 +105,7 @@ def cmd_evaluate(args: argparse.Namespace, predict: bool = False) -> int:
     from .data import load_examples, with_hub_defaults
     from .evaluation import evaluate
     from .models import load_model
-    from .recipe import process_state
+    from .engines import process_state
     from .tasks import get_task
 
     config = _eval_config(args)  # checked before anything slow

@@ -42,7 +42,9 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 100  # optimizer steps
+    # optimizer steps; auto (with max_minutes): as many as the time budget buys, warmup and
+    # decay following the fraction of the budget spent (training.budget_factor)
+    steps: int | str = 100
     seq_len: int = 256  # tokens per row fed to the model (rows hold seq_len + 1 tokens)
     micro_batch_size: int = 8  # rows per forward pass (per process)
     global_batch_size: int = 8  # rows per optimizer step, all processes together
@@ -51,6 +53,7 @@ class TrainConfig:
     eps: float = 1e-8
     weight_decay: float = 0.0  # never applied to norms and biases
     warmup_steps: int = 0
+    warmup_fraction: float = 0.0  # the warmup of a budgeted run (steps: auto), as a fraction of the budget
     schedule: str = "constant"  # constant | linear | cosine (after warmup)
     min_lr_ratio: float = 0.0  # floor of linear/cosine decay, as a fraction of lr
     dropout: float | None = None  # overrides every dropout probability of the model when set
@@ -65,6 +68,7 @@ class TrainConfig:
     log_every: int = 1  # optimizer steps between metrics.jsonl lines
     threads: int | None = None  # torch intra-op threads, set by the CLI; null keeps torch's choice
     max_minutes: float | None = None  # stop (validate, checkpoint, export) after this much training time
+    # (the optimizer steps alone: validation and checkpoints do not count against it)
 
 
 @dataclass
@@ -136,7 +140,7 @@ _RANGE_TESTS = {_POS: lambda v: v > 0, _NONNEG: lambda v: v >= 0, _FRACTION: lam
 RANGES = {
     "train.steps": _POS, "train.seq_len": _POS, "train.micro_batch_size": _POS, "train.global_batch_size": _POS,
     "train.lr": _POS, "train.eps": _POS, "train.weight_decay": _NONNEG, "train.warmup_steps": _NONNEG,
-    "train.min_lr_ratio": _FRACTION, "train.dropout": _PROB, "train.grad_clip": _POS, "train.seed": _NONNEG,
+    "train.min_lr_ratio": _FRACTION, "train.warmup_fraction": _PROB, "train.dropout": _PROB, "train.grad_clip": _POS, "train.seed": _NONNEG,
     "train.log_every": _POS, "train.threads": _POS, "train.max_minutes": _POS,
     "lora.r": _POS, "lora.alpha": _POS, "lora.dropout": _PROB,
     "checkpoint.every": _NONNEG, "checkpoint.keep": _POS,
@@ -315,6 +319,8 @@ def _check_values(cfg: RunConfig) -> list[str]:
     problem = batch_size_problem(t)
     if problem:
         errors.append(problem)
+    if t.steps == "auto" and t.max_minutes is None:
+        errors.append("train.steps: auto trains for a time budget; set train.max_minutes too")
     if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
         errors.append(f"train.betas: must be two numbers in [0, 1), got {short(t.betas)}")
     if not cfg.out_dir:

@@ -31,6 +31,7 @@ import torch
 
 from .config import EvalConfig
 from .data import public_fields
+from .engines import is_sharded
 from .errors import ConfigError
 from .loss import precision_context
 from .metrics import compute_metrics
@@ -242,7 +243,7 @@ def evaluate(model: Any, tokenizer: Any, task: Task, rows: Sequence[dict[str, An
     ec = dataclasses.replace(config or EvalConfig(), **settings)
     mode, precision, max_new_tokens, batch_size = ec.mode, ec.precision, ec.max_new_tokens, ec.batch_size
     world = processes.num_processes if processes is not None else 1
-    sharded = world > 1 and processes.distributed_type.name in ("FSDP", "DEEPSPEED")
+    sharded = processes is not None and is_sharded(processes)
     if sharded and precision == "bf16-checked":
         raise ConfigError("eval.precision: bf16-checked redoes a different number of rows on each process, which "
                           "sharded weights (FSDP, DeepSpeed) cannot do; use bf16 or fp32")

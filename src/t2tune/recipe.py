@@ -38,6 +38,7 @@ from . import __version__
 from .checkpoint import RunFolder, export, load_weights, read_checkpoint, set_rng_state, write_checkpoint
 from .config import EvalConfig, RunConfig, batch_size_problem, dump_config
 from .data import load_examples, with_hub_defaults
+from .engines import cpu_only, fill_deepspeed_config, is_sharded, process_state
 from .errors import ConfigError, UserError
 from .evaluation import EvalResult, evaluate
 from .files import atomic_file
@@ -116,8 +117,8 @@ def prepare(cfg: RunConfig, *, overwrite: bool = False, task: Task | None = None
     # engine step) both need; the count is the micro-batches per process per optimizer step
     accumulation = t.global_batch_size // (t.micro_batch_size * process.num_processes)
     if accelerator is None:
-        accelerator = Accelerator(cpu=_cpu_only(), gradient_accumulation_steps=accumulation)
-        _fill_deepspeed_config(accelerator, cfg, accumulation)
+        accelerator = Accelerator(cpu=cpu_only(), gradient_accumulation_steps=accumulation)
+        fill_deepspeed_config(accelerator, cfg.train, accumulation)
     elif accelerator.gradient_accumulation_steps != accumulation:
         raise ConfigError(f"the accelerator given accumulates {accelerator.gradient_accumulation_steps} micro-batches "
                           f"per step; train.global_batch_size / (train.micro_batch_size × processes) = {accumulation}")
@@ -131,71 +132,14 @@ def prepare(cfg: RunConfig, *, overwrite: bool = False, task: Task | None = None
     loss_module = LossModule(model)
     # together: DeepSpeed builds its engine around the model and the optimizer at once
     loss_module, optimizer = accelerator.prepare(loss_module, make_optimizer(loss_module, t))
-    engine = Engine(accelerator, loss_module, optimizer, make_scheduler(optimizer, t), tokenizer.pad_token_id)
+    engine = Engine(accelerator, loss_module, optimizer, None, tokenizer.pad_token_id)
     run = Run(cfg, folder, task, model, tokenizer, engine, rows, dropped, list(eval_rows or []),
               eval_config or cfg.eval, metric, base_name or cfg.model.name)
+    engine.scheduler = make_scheduler(optimizer, t, run.budget_spent if t.steps == "auto" else None)
     run.lock = lock
     if not task.is_label_task:  # what eval.max_new_tokens: auto measures
         run.length_targets = [task.target_text(row) for row in train_rows]
     return run
-
-
-ENGINE_DEVICES = {"FSDP": "FSDP needs GPUs; use DeepSpeed ZeRO-3 or DDP (accelerate launch --multi_gpu) on CPU",
-                  "DEEPSPEED": "DeepSpeed did not set up its processes; is the deepspeed package installed?",
-                  "NO": "the processes did not join one group; use accelerate launch --multi_gpu for DDP"}
-
-
-def process_state() -> Any:
-    """Create accelerate's process state, the first thing a run does. Without an accelerator,
-    processes join through gloo (DeepSpeed would otherwise leave each believing it is alone).
-    A launcher that started more processes than joined the group is refused: each would run
-    alone and write the same out_dir."""
-    import os
-
-    from accelerate import PartialState
-
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    gloo = launched > 1 and not torch.cuda.is_available()
-    process = PartialState(cpu=_cpu_only(), **({"backend": "gloo"} if gloo else {}))
-    requested, running = _requested_engine(), process.distributed_type.name
-    if launched > process.num_processes:
-        raise UserError(f"the launcher started {launched} processes but {process.num_processes} joined: "
-                        f"{ENGINE_DEVICES[requested]}")
-    if requested != "NO" and requested != running:  # never a quiet fallback to another engine
-        raise UserError(f"accelerate launch asked for {requested} but {running} started: {ENGINE_DEVICES[requested]}")
-    return process
-
-
-def _cpu_only() -> bool:
-    """accelerate's ``cpu`` flag: on a machine without an accelerator it makes a multi-process
-    launch DDP over gloo, but it would also quietly turn DeepSpeed into DDP, so not for that."""
-    return not torch.cuda.is_available() and _requested_engine() != "DEEPSPEED"
-
-
-def _requested_engine() -> str:
-    import os
-
-    for engine in ("FSDP", "DEEPSPEED"):
-        if os.environ.get(f"ACCELERATE_USE_{engine}", "").lower() == "true":
-            return engine
-    return "NO"
-
-
-def _fill_deepspeed_config(accelerator: Any, cfg: RunConfig, accumulation: int) -> None:
-    """What a DeepSpeed config leaves to the training code ('auto' or absent) comes from
-    ``train.*``: micro batch, gradient clipping (DeepSpeed clips inside its step), and leave to
-    run torch's AdamW. The accumulation count is t2tune's, whatever the launcher's file says:
-    ``train.global_batch_size`` defines the step."""
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    if plugin is None:
-        return
-    ds = plugin.deepspeed_config
-    ds["gradient_accumulation_steps"] = plugin.gradient_accumulation_steps = accumulation
-    for key, value in (("train_micro_batch_size_per_gpu", cfg.train.micro_batch_size),
-                       ("gradient_clipping", cfg.train.grad_clip or 0.0)):
-        if ds.get(key, "auto") == "auto":
-            ds[key] = value
-    ds.setdefault("zero_allow_untested_optimizer", True)
 
 
 def _claim(folder: RunFolder, cfg: RunConfig, overwrite: bool, process: Any) -> Any:
@@ -238,6 +182,7 @@ class Session(Protocol):
     """What :func:`fit` drives; :class:`Run` is the real one, tests use a fake."""
 
     def out_of_time(self) -> bool: ...
+    def agree(self, seconds: float) -> float: ...
     def step(self) -> StepResult: ...
     def progress(self, result: StepResult, seconds: float) -> None: ...
     def log(self, result: StepResult, seconds: float) -> None: ...
@@ -256,7 +201,7 @@ def fit(run: Session, state: TrainState, schedule: Schedule, stop: StopRequest) 
             return "max_minutes"
         start = time.perf_counter()
         result = run.step()
-        seconds = time.perf_counter() - start
+        seconds = run.agree(time.perf_counter() - start)
         if not all(math.isfinite(x) for x in (result.loss, result.grad_norm or 0.0)):
             return "diverged"  # the same on every process: loss and norm are global
         state.optimizer_step += 1
@@ -290,7 +235,8 @@ class Run:
         self.length_targets: list[str] | None = None  # training targets of a free-text task
         self.diverged: dict[str, Any] = {}
         every = eval_config.every if eval_rows else 0
-        self.schedule = Schedule(cfg.train.steps, cfg.train.log_every, every, cfg.checkpoint.every)
+        steps = sys.maxsize if cfg.train.steps == "auto" else cfg.train.steps  # auto: the budget stops it
+        self.schedule = Schedule(steps, cfg.train.log_every, every, cfg.checkpoint.every)
 
     @property
     def last_eval(self) -> dict[str, Any]:
@@ -313,7 +259,8 @@ class Run:
                              "processes": self.accelerator.num_processes, "t2tune": __version__})
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=self.cfg.train.steps, initial=self.state.optimizer_step, disable=not self.main,
+        total = None if self.cfg.train.steps == "auto" else self.cfg.train.steps
+        self.bar = tqdm(total=total, initial=self.state.optimizer_step, disable=not self.main,
                         unit="step", dynamic_ncols=True)
         with StopRequest() as stop:
             stopped = fit(self, self.state, self.schedule, stop)
@@ -340,6 +287,18 @@ class Run:
         return RunResult(self.state, stopped, None, self.last_eval, self.folder.export, self.main)
 
     # --- the loop's verbs ------------------------------------------------------------------
+    def agree(self, seconds: float) -> float:
+        """One step's duration as every process counts it: the slowest one's, so that the time
+        budget, and with it a budgeted learning rate, is the same everywhere."""
+        if self.accelerator.num_processes == 1:
+            return seconds
+        took = torch.tensor([seconds], dtype=torch.float64, device=self.accelerator.device)
+        return float(self.accelerator.gather(took).max())  # (accelerate's reduce has no max)
+
+    def budget_spent(self) -> float:
+        """The fraction of ``train.max_minutes`` spent training (validation time excluded)."""
+        return self.state.train_seconds / (self.cfg.train.max_minutes * 60)
+
     def out_of_time(self) -> bool:
         """``train.max_minutes`` reached; decided together so that all processes stop at one step."""
         limit = self.cfg.train.max_minutes
@@ -388,13 +347,10 @@ class Run:
             refresh_plots(self.folder.plots, read_events(self.folder.metrics), result.metrics)
         self.accelerator.wait_for_everyone()
 
-    def _sharded(self) -> bool:
-        return self.accelerator.distributed_type.name in ("FSDP", "DEEPSPEED")
-
     def _full_weights(self) -> dict[str, Any] | None:
         """Under FSDP / DeepSpeed, the full weights gathered to the main process (a collective:
         every process calls it); None elsewhere, and where the model object holds them itself."""
-        if not self._sharded():
+        if not is_sharded(self.accelerator):
             return None
         state = self.accelerator.get_state_dict(self.engine.loss_module)
         if not self.main or state is None:
@@ -406,7 +362,7 @@ class Run:
         model_state = self._full_weights()
         engine = None
         fmt = self.cfg.checkpoint.format
-        if fmt == "accelerate" or (fmt == "auto" and self._sharded()):
+        if fmt == "accelerate" or (fmt == "auto" and is_sharded(self.accelerator)):
             engine = self.folder.engine_staging(step)
             if self.main:
                 shutil.rmtree(engine, ignore_errors=True)  # left by a run killed mid-save

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -86,7 +86,41 @@ def epoch_order(n_rows: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n_rows, generator=gen).tolist()
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+FIRST_FRACTION = 1e-3  # a budgeted warmup starts here, so that its first step trains
+
+
+def budget_factor(fraction: float, cfg: TrainConfig) -> float:
+    """Multiplier of ``cfg.lr`` when ``fraction`` of the time budget is spent (``steps: auto``):
+    linear warmup over the first ``warmup_fraction``, then the schedule over the rest. The
+    fraction is the training time (validation excluded) measured before the step it sets.
+
+    >>> from types import SimpleNamespace as N
+    >>> c = N(warmup_fraction=0.1, schedule="linear", min_lr_ratio=0.2)
+    >>> [round(budget_factor(f, c), 3) for f in (0.0, 0.05, 0.1, 0.55, 1.0, 1.3)]
+    [0.01, 0.5, 1.0, 0.6, 0.2, 0.2]
+    >>> c = N(warmup_fraction=0.0, schedule="cosine", min_lr_ratio=0.0)
+    >>> [round(budget_factor(f, c), 3) for f in (0.0, 0.5, 1.0)]
+    [1.0, 0.5, 0.0]
+    """
+    fraction = max(fraction, FIRST_FRACTION)
+    warmup = cfg.warmup_fraction
+    if fraction < warmup:
+        return fraction / warmup
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (fraction - warmup) / (1 - warmup))
+    floor = cfg.min_lr_ratio
+    if cfg.schedule == "linear":
+        return floor + (1 - floor) * (1 - progress)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
+                   budget_spent: Callable[[], float] | None = None) -> torch.optim.lr_scheduler.LambdaLR:
+    """The lr schedule: by optimizer step, or (``budget_spent`` given: ``steps: auto``) by the
+    fraction of the time budget spent."""
+    if budget_spent is not None:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: budget_factor(budget_spent(), cfg))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
 
 
