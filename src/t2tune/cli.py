@@ -103,9 +103,9 @@ def _print_table(summary: dict[str, Any], metrics: dict[str, Any]) -> None:
 def cmd_evaluate(args: argparse.Namespace, predict: bool = False) -> int:
     from .config import ModelConfig
     from .data import load_examples, with_hub_defaults
+    from .engines import process_state
     from .evaluation import evaluate
     from .models import load_model
-    from .engines import process_state
     from .tasks import get_task
 
     config = _eval_config(args)  # checked before anything slow

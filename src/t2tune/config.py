@@ -140,7 +140,8 @@ _RANGE_TESTS = {_POS: lambda v: v > 0, _NONNEG: lambda v: v >= 0, _FRACTION: lam
 RANGES = {
     "train.steps": _POS, "train.seq_len": _POS, "train.micro_batch_size": _POS, "train.global_batch_size": _POS,
     "train.lr": _POS, "train.eps": _POS, "train.weight_decay": _NONNEG, "train.warmup_steps": _NONNEG,
-    "train.min_lr_ratio": _FRACTION, "train.warmup_fraction": _PROB, "train.dropout": _PROB, "train.grad_clip": _POS, "train.seed": _NONNEG,
+    "train.min_lr_ratio": _FRACTION, "train.warmup_fraction": _PROB, "train.dropout": _PROB,
+    "train.grad_clip": _POS, "train.seed": _NONNEG,
     "train.log_every": _POS, "train.threads": _POS, "train.max_minutes": _POS,
     "lora.r": _POS, "lora.alpha": _POS, "lora.dropout": _PROB,
     "checkpoint.every": _NONNEG, "checkpoint.keep": _POS,
