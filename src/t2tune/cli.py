@@ -11,15 +11,11 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .errors import UserError
+from .errors import UserError, say
 from .runtime import keep_freed_memory
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
-
-
-def _warn(msg: str) -> None:
-    print(f"t2tune: {msg}", file=sys.stderr)
 
 
 # --- train ---------------------------------------------------------------------------------
@@ -42,7 +38,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                         f"is not finite; nothing was exported (last good checkpoint: {kept[-1] if kept else 'none'}); "
                         "lower train.lr or set train.grad_clip")
     if result.stopped == "signal":
-        _warn(f"stopped by signal {result.signal} at step {result.state.optimizer_step}; "
+        say(f"stopped by signal {result.signal} at step {result.state.optimizer_step}; "
               "checkpoint written, run the same command to resume")
         return EXIT_INTERRUPTED
     if result.main_process:
@@ -221,7 +217,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr (exit 2) like every other bad input."""
 
     def error(self, message: str) -> NoReturn:
-        _warn(f"error: {self.prog}: {message} (see {self.prog} --help)")
+        say(f"error: {self.prog}: {message} (see {self.prog} --help)")
         raise SystemExit(EXIT_BAD_INPUT)
 
 
@@ -265,15 +261,15 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         if debug:
             raise
-        _warn(f"error: {exc}")
+        say(f"error: {exc}")
         return EXIT_BAD_INPUT
     except OSError as exc:
         if debug or exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             raise
-        _warn(f"error: {exc.filename or 'a file'}: {exc.strerror}; free some space and run the same command again")
+        say(f"error: {exc.filename or 'a file'}: {exc.strerror}; free some space and run the same command again")
         return EXIT_BAD_INPUT
     except KeyboardInterrupt as exc:
-        _warn(str(exc) or "interrupted")
+        say(str(exc) or "interrupted")
         return EXIT_INTERRUPTED
     finally:
         signal.signal(signal.SIGTERM, previous)

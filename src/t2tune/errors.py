@@ -1,4 +1,12 @@
-"""Errors a user can fix. The CLI prints them as one line and exits with code 2 (no traceback)."""
+"""What a user is told: errors they can fix (the CLI prints them as one line and exits with
+code 2, no traceback) and one-line notices on stderr (:func:`say`)."""
+
+import sys
+
+
+def say(message: str) -> None:
+    """One line on stderr, prefixed ``t2tune:``, as every notice, warning and error reads."""
+    print(f"t2tune: {message}", file=sys.stderr)
 
 
 class UserError(Exception):

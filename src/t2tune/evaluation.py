@@ -32,7 +32,7 @@ import torch
 from .config import EvalConfig
 from .data import public_fields
 from .engines import is_sharded
-from .errors import ConfigError
+from .errors import ConfigError, say
 from .loss import precision_context
 from .metrics import compute_metrics
 from .models import decoder_and_head
@@ -298,9 +298,9 @@ def evaluate(model: Any, tokenizer: Any, task: Task, rows: Sequence[dict[str, An
             record["label"] = ref[0] if len(ref) == 1 else ref
         metrics = compute_metrics(task, [r["prediction"] for r in records], refs, ec.entity_parsing)
     if main and stats.get("truncated"):
-        print(f"t2tune: warning: {stats['truncated']} of {len(records)} generations reached max_new_tokens="
-              f"{max_new_tokens} without their end-of-text token, so their answers may be cut off; raise "
-              "eval.max_new_tokens (--max-new-tokens)", file=sys.stderr)
+        say(f"warning: {stats['truncated']} of {len(records)} generations reached max_new_tokens={max_new_tokens} "
+            "without their end-of-text token, so their answers may be cut off; raise eval.max_new_tokens "
+            "(--max-new-tokens)")
     return EvalResult({**metrics, **stats}, records, seconds)
 
 

@@ -39,7 +39,7 @@ from .checkpoint import RunFolder, export, load_weights, read_checkpoint, set_rn
 from .config import EvalConfig, RunConfig, batch_size_problem, dump_config
 from .data import load_examples, with_hub_defaults
 from .engines import cpu_only, fill_deepspeed_config, is_sharded, process_state
-from .errors import ConfigError, UserError
+from .errors import ConfigError, UserError, say
 from .evaluation import EvalResult, evaluate
 from .files import atomic_file
 from .loss import LossModule
@@ -126,7 +126,7 @@ def prepare(cfg: RunConfig, *, overwrite: bool = False, task: Task | None = None
     model = prepare_for_training(model, t, cfg.lora, base_name or cfg.model.name)
     examples, dropped = encode_for_training(task, train_rows, tokenizer, t.seq_len, t.truncate)
     if dropped and accelerator.is_main_process:
-        _warn(f"{dropped} training examples dropped: truncating '{task.truncate_field}' to fit "
+        say(f"{dropped} training examples dropped: truncating '{task.truncate_field}' to fit "
               "train.seq_len would cut their answer")
     rows = pack(examples, t.packing, t.seq_len, t.loss_on, tokenizer.pad_token_id)
     loss_module = LossModule(model)
@@ -150,7 +150,7 @@ def _claim(folder: RunFolder, cfg: RunConfig, overwrite: bool, process: Any) -> 
         try:
             lock, moved = folder.claim(cfg, overwrite)
             if moved is not None:
-                _warn(f"moved the previous contents of out_dir to {moved}")
+                say(f"moved the previous contents of out_dir to {moved}")
         except UserError as exc:
             refusal = str(exc)
     if process.num_processes > 1:
@@ -172,10 +172,6 @@ def _load_data(cfg: RunConfig, task: Task) -> tuple[list[Row], list[Row]]:
     rows = load_examples(task, train_src, split, hub_config)
     split, hub_config = with_hub_defaults(task, val_src, cfg.data.validation_split, cfg.data.hub_config)
     return rows, load_examples(task, val_src, split, hub_config, limit=cfg.eval.limit)
-
-
-def _warn(message: str) -> None:
-    print(f"t2tune: {message}", file=sys.stderr)
 
 
 class Session(Protocol):

@@ -4,7 +4,6 @@ Hugging Face model card written into every export."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,7 @@ import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
 from . import __version__
+from .errors import say
 from .files import atomic_file
 from .tasks import Task
 
@@ -120,7 +120,7 @@ def refresh_plots(folder: Path, events: list[dict[str, Any]], metrics: dict[str,
         if metrics:
             plot_confusion(metrics, folder / "confusion.png")
     except (ImportError, OSError, ValueError, RuntimeError) as exc:
-        print(f"t2tune: warning: plots in {folder} not updated ({type(exc).__name__}: {exc})", file=sys.stderr)
+        say(f"warning: plots in {folder} not updated ({type(exc).__name__}: {exc})")
 
 
 # --- model card ------------------------------------------------------------------------------
