@@ -123,7 +123,7 @@ class RunFolder:
                 lock.release()
                 aside = move_aside(self.root)
                 lock = self._lock()
-            check_replaceable(self.export, "export", "out_dir")
+            check_export_target(self.export, "out_dir")
             if read_marker(self.root) is None:
                 write_marker(self.root, "run")
         except BaseException:
@@ -210,6 +210,12 @@ class RunFolder:
             incomplete = STEP_DIR.match(child.name) and not StepFolder(child).state.is_file()
             if child.name.startswith(".step-") or incomplete:  # left by a killed run (or older versions)
                 shutil.rmtree(child, ignore_errors=True)
+
+
+def check_export_target(out: Path, what: str) -> None:
+    """Raise unless an export may be written to ``out`` (see :func:`files.check_replaceable`);
+    a checkpoint there is named as one."""
+    check_replaceable(out, "export", what, "a t2tune checkpoint" if StepFolder(out).state.is_file() else None)
 
 
 def weights_folder(path: Path) -> Path:
@@ -390,7 +396,7 @@ def export(model: Any, tokenizer: Any, out: Path, merge: bool = True, card: str 
     ``weights`` are full weights gathered from a sharded engine (the model object holds only a
     shard). An existing ``out`` is replaced only when it is empty or a t2tune export holding
     nothing but what t2tune wrote (``what`` names the setting in the refusal)."""
-    check_replaceable(out, "export", what)
+    check_export_target(out, what)
     with atomic_dir(out) as tmp:
         if merge and hasattr(model, "peft_config"):
             _save_merged(model, tokenizer, tmp, weights)

@@ -67,12 +67,11 @@ def _eval_config(args: argparse.Namespace) -> Any:
     from .config import ConfigError, build_config
 
     values = {f"eval.{key}": getattr(args, key) for key in EVAL_FLAGS}
+    values["train.threads"] = args.threads  # the same range as the config key
     try:
-        if args.threads is not None and args.threads <= 0:
-            raise ConfigError(f"invalid config: --threads: must be > 0, got {args.threads}")
         return build_config(values).eval
     except ConfigError as exc:
-        message = str(exc).removeprefix("invalid config: ")
+        message = str(exc).removeprefix("invalid config: ").replace("train.threads:", "--threads:")
         for key, flag in EVAL_FLAGS.items():
             message = message.replace(f"eval.{key}:", f"{flag}:")
         raise ConfigError(f"invalid option: {message}") from None

@@ -112,9 +112,10 @@ def files_below(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if not p.is_dir())
 
 
-def check_replaceable(folder: Path, kind: str, what: str) -> None:
+def check_replaceable(folder: Path, kind: str, what: str, known_as: str | None = None) -> None:
     """Raise unless ``folder`` may be replaced by a new one of ``kind``: it does not exist, is
-    empty, or is a ``kind`` folder all of whose files t2tune wrote. ``what`` names the setting."""
+    empty, or is a ``kind`` folder all of whose files t2tune wrote. ``what`` names the setting;
+    ``known_as`` says what the caller recognised the folder to be (e.g. a checkpoint)."""
     if not folder.exists() and not folder.is_symlink():
         return
     if not folder.is_dir() or folder.is_symlink():
@@ -124,8 +125,8 @@ def check_replaceable(folder: Path, kind: str, what: str) -> None:
         return
     marker = read_marker(folder)
     if marker is None or marker["kind"] != kind:
-        if (folder / "state.json").is_file():
-            found = "a t2tune checkpoint"
+        if known_as is not None:
+            found = known_as
         elif marker is not None:
             found = f"a t2tune {marker['kind']} folder"
         else:

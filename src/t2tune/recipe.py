@@ -183,17 +183,18 @@ class Session(Protocol):
     def progress(self, result: StepResult, seconds: float) -> None: ...
     def log(self, result: StepResult, seconds: float) -> None: ...
     def validate(self) -> None: ...
-    def checkpoint(self) -> None: ...
+    def checkpoint(self) -> Any: ...
 
 
 def fit(run: Session, state: TrainState, schedule: Schedule, stop: StopRequest) -> str:
-    """The training loop. Returns why it stopped: ``steps``, ``signal`` or ``max_minutes``."""
+    """The training loop. Returns why it stopped: ``steps``, ``signal``, ``max_minutes`` or
+    ``diverged`` (a loss or gradient norm that is not finite)."""
     while True:
         if state.optimizer_step >= schedule.steps:
             return "steps"
         if stop.signal is not None:
             return "signal"
-        if run.out_of_time():  # collective: every process decides at the same step
+        if run.out_of_time():  # the same on every process: step times are agreed below
             return "max_minutes"
         start = time.perf_counter()
         result = run.step()
@@ -272,9 +273,10 @@ class Run:
         step = self.state.optimizer_step
         if self.eval_rows and self.last_eval.get("step") != step:
             self.validate()
-        if step not in [n for n, _ in self.folder.checkpoints()]:
-            self.checkpoint()
-        weights = self._full_weights()
+        if step in [n for n, _ in self.folder.checkpoints()]:
+            weights = self._full_weights()
+        else:
+            weights = self.checkpoint()  # gathers the full weights once, for both
         if self.main:
             self.export(self.folder.export, weights=weights)
             self.log_file.write({"event": "end", "step": step, "best": self.state.best,
@@ -296,12 +298,10 @@ class Run:
         return self.state.train_seconds / (self.cfg.train.max_minutes * 60)
 
     def out_of_time(self) -> bool:
-        """``train.max_minutes`` reached; decided together so that all processes stop at one step."""
+        """``train.max_minutes`` reached. Every process counts the same ``train_seconds``
+        (:meth:`agree`), so all of them stop at the same step without another collective."""
         limit = self.cfg.train.max_minutes
-        if limit is None:
-            return False
-        late = torch.tensor(float(self.state.train_seconds >= limit * 60), device=self.accelerator.device)
-        return self.accelerator.reduce(late, reduction="sum").item() > 0
+        return limit is not None and self.state.train_seconds >= limit * 60
 
     def step(self) -> StepResult:
         t = self.cfg.train
@@ -353,7 +353,9 @@ class Run:
             return None
         return {k.removeprefix("model."): v for k, v in state.items()}
 
-    def checkpoint(self) -> None:
+    def checkpoint(self) -> dict[str, Any] | None:
+        """Write ``step-N/`` (collective under sharded engines). Returns the gathered full
+        weights on the main process of a sharded engine, None elsewhere, for the export to reuse."""
         acc, step = self.accelerator, self.state.optimizer_step
         model_state = self._full_weights()
         engine = None
@@ -376,6 +378,7 @@ class Run:
                                 f"kept: {', '.join(kept) or 'no older checkpoint'}") from None
             self.folder.rotate(self.cfg.checkpoint.keep)
         acc.wait_for_everyone()
+        return model_state
 
     # --- resume, evaluate, export ------------------------------------------------------------
     def resume(self) -> bool:

@@ -69,10 +69,20 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     """
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    return decay_factor(min(1.0, (step - cfg.warmup_steps) / span), cfg)
+
+
+def decay_factor(progress: float, cfg: TrainConfig) -> float:
+    """The schedule after warmup at ``progress`` ∈ [0, 1] of the decay: constant, or linear /
+    cosine from 1 down to ``min_lr_ratio``; by steps and by time budget alike.
+
+    >>> from types import SimpleNamespace as N
+    >>> [round(decay_factor(p, N(schedule="linear", min_lr_ratio=0.2)), 3) for p in (0.0, 0.5, 1.0)]
+    [1.0, 0.6, 0.2]
+    """
     if cfg.schedule == "constant":
         return 1.0
-    span = max(1, cfg.steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
     floor = cfg.min_lr_ratio
     if cfg.schedule == "linear":
         return floor + (1 - floor) * (1 - progress)
@@ -106,13 +116,7 @@ def budget_factor(fraction: float, cfg: TrainConfig) -> float:
     warmup = cfg.warmup_fraction
     if fraction < warmup:
         return fraction / warmup
-    if cfg.schedule == "constant":
-        return 1.0
-    progress = min(1.0, (fraction - warmup) / (1 - warmup))
-    floor = cfg.min_lr_ratio
-    if cfg.schedule == "linear":
-        return floor + (1 - floor) * (1 - progress)
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    return decay_factor(min(1.0, (fraction - warmup) / (1 - warmup)), cfg)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
