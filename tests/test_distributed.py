@@ -135,9 +135,31 @@ def _ds_run(tmp_path, out, stage, steps, *extra, kill_at=None):
     deadline = time.time() + 300
     while not (out / "checkpoints" / f"step-{kill_at}").is_dir() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers, no cleanup
+    # the launcher and both workers, no cleanup; torch's launcher starts each worker in a
+    # session of its own, so they are found by their command line
+    workers = _processes_with(f"out_dir={out}")
+    os.killpg(proc.pid, signal.SIGKILL)
+    for pid in workers:
+        os.kill(pid, signal.SIGKILL)
     proc.wait()
+    while _processes_with(f"out_dir={out}") and time.time() < deadline + 30:
+        time.sleep(0.05)  # gone only once the kernel has released their files (and the out_dir lock)
     return None
+
+
+def _processes_with(text: str) -> list[int]:
+    """Live processes whose command line contains ``text``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                state = (entry / "stat").read_text().split(")")[-1].split()[0]
+            except OSError:
+                continue
+            if text in cmdline and state != "Z":
+                found.append(int(entry.name))
+    return found
 
 
 @pytest.mark.parametrize("stage", [3, 2])
@@ -157,8 +179,11 @@ def test_deepspeed_two_processes_match_one(tmp_path, stage):
         assert abs(a - b) < 1e-4, (one, two)
     assert [step for step, _, _ in _evals(events)] == [2, 4, 6] and _evals(events) == _evals(one_events)
     assert (run / "checkpoints" / "step-6" / "engine").is_dir()
+    # the best step's weights (restored through the engine's load_state, then gathered)
+    best = events[-1]["exported_step"]
+    assert best == one_events[-1]["exported_step"] and (run / "checkpoints" / f"step-{best}" / "engine").is_dir()
     exported = _weights(run / "hf")
-    _close(exported, _weights(run / "checkpoints" / "step-6" / "model"), 0.0)  # the gathered weights
+    _close(exported, _weights(run / "checkpoints" / f"step-{best}" / "model"), 0.0)  # the gathered weights
     _close(exported, _weights(tmp_path / "one" / "hf"), 1e-5)
     from transformers import AutoModelForCausalLM
 

@@ -104,10 +104,11 @@ def test_every_trainable_parameter_changes(tmp_path, mnli_dir):
 
 def test_train_stop_resume_export_reload(tmp_path, mnli_dir):
     """3 steps uninterrupted vs 2 steps + resume to 3: same weights; export reloads with same logits."""
-    straight = _train(tiny_config(tmp_path / "a", mnli_dir, **{"train.steps": 3}), mnli_dir)
-    _train(tiny_config(tmp_path / "b", mnli_dir, **{"train.steps": 2}), mnli_dir)
+    last = {"export.from": "last"}  # the last step's weights, whichever validation was best
+    straight = _train(tiny_config(tmp_path / "a", mnli_dir, **{"train.steps": 3}, **last), mnli_dir)
+    _train(tiny_config(tmp_path / "b", mnli_dir, **{"train.steps": 2}, **last), mnli_dir)
     assert [s for s, _ in RunFolder(tmp_path / "b").checkpoints()] == [1, 2]
-    resumed = _train(tiny_config(tmp_path / "b", mnli_dir, **{"train.steps": 3}), mnli_dir)
+    resumed = _train(tiny_config(tmp_path / "b", mnli_dir, **{"train.steps": 3}, **last), mnli_dir)
     assert resumed.state.optimizer_step == 3
     for (name, a), (_, b) in zip(straight.model.named_parameters(), resumed.model.named_parameters()):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), name

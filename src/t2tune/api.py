@@ -53,4 +53,5 @@ class Trainer:
         return self.run.evaluate(limit)
 
     def save_hf_checkpoint(self, path: str | Path, merge: bool = True) -> Path:
-        return self.run.export(Path(path), merge)
+        self.run.export(Path(path), merge)
+        return Path(path)

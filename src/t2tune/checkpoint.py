@@ -6,14 +6,15 @@ Layout of an ``out_dir`` (no other module spells these names)::
 
     config.yaml             the resolved config
     metrics.jsonl           one JSON object per event
-    plots/                  PNG curves and matrices
+    plots/                  PNG curves, confusion matrix, reliability diagram
+    trackers/               experiment trackers' local files (log.to)
     hf/                     the Hugging Face export
     checkpoints/step-N/     one complete checkpoint (written under a temporary name, then renamed):
         model/              Hugging Face folder (or a peft adapter folder) + tokenizer
         optimizer.pt        optimizer and scheduler state   (loaded with weights_only=True)
         engine/             instead of the optimizer entry: accelerate's sharded save_state
         rng.pt              torch and Python RNG state      (loaded with weights_only=True)
-        state.json          optimizer step, data position, tokens seen, best validation
+        state.json          optimizer step, data position, tokens seen, time, best validation
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,6 +95,10 @@ class RunFolder:
     @property
     def checkpoints_root(self) -> Path:
         return self.root / "checkpoints"
+
+    @property
+    def trackers(self) -> Path:
+        return self.root / "trackers"
 
     def claim(self, cfg: Any, overwrite: bool) -> tuple[FolderLock, Path | None]:
         """Make ``out_dir`` this run's, before anything slow starts. Returns the held lock and
@@ -196,12 +202,14 @@ class RunFolder:
                 found.append((int(match.group(1)), StepFolder(child)))
         return sorted(found, key=lambda pair: pair[0])
 
-    def rotate(self, keep: int) -> None:
-        """Keep the newest ``keep`` checkpoints. Each older one is first renamed to a temporary
-        name, then deleted: a process killed while deleting leaves a ``.step-*`` folder (removed
-        by the next call), never a half-deleted ``step-N`` that would look like a checkpoint or
-        escape rotation."""
-        for _, step in self.checkpoints()[:-keep]:
+    def rotate(self, keep: int, protect: int | None = None) -> None:
+        """Keep the newest ``keep`` checkpoints, and step ``protect`` (the best) besides. Each
+        older one is first renamed to a temporary name, then deleted: a process killed while
+        deleting leaves a ``.step-*`` folder (removed by the next call), never a half-deleted
+        ``step-N`` that would look like a checkpoint or escape rotation."""
+        for n, step in self.checkpoints()[:-keep]:
+            if n == protect:
+                continue
             doomed = step.path.with_name(f".{step.path.name}.deleting-{os.getpid()}")
             os.replace(step.path, doomed)
             shutil.rmtree(doomed, ignore_errors=True)
@@ -335,7 +343,8 @@ def read_checkpoint(step: StepFolder) -> tuple[dict[str, Any], dict[str, Any], d
 
 
 _STATE_TYPES = {"optimizer_step": int, "epoch": int, "row_in_epoch": int, "tokens_seen": int,
-                "train_seconds": (int, float), "best": dict, "last_eval": dict}
+                "train_seconds": (int, float), "eval_seconds": (int, float), "wall_seconds": (int, float),
+                "best": dict, "last_eval": dict, "stale": int}
 
 
 def _shape_problem(state: Any, opt: Any, rng: Any) -> str | None:
@@ -390,18 +399,24 @@ def merge_lora_weights(peft_model: Any, weights: dict[str, Any]) -> dict[str, An
     return merged
 
 
-def export(model: Any, tokenizer: Any, out: Path, merge: bool = True, card: str | None = None,
-           what: str = "export", weights: dict[str, Any] | None = None) -> Path:
+def export(model: Any, tokenizer: Any, out: Path, merge: bool = True, card: str | Callable[[Any], str] | None = None,
+           what: str = "export", weights: dict[str, Any] | None = None,
+           check: Callable[[Path], Any] | None = None) -> Path:
     """Write a Hugging Face folder atomically; peft adapters are merged unless ``merge`` is False.
     ``weights`` are full weights gathered from a sharded engine (the model object holds only a
-    shard). An existing ``out`` is replaced only when it is empty or a t2tune export holding
-    nothing but what t2tune wrote (``what`` names the setting in the refusal)."""
+    shard). ``check(folder)`` inspects the written folder before it is renamed into place (the
+    export gate): if it raises, nothing is written; what it returns goes to ``card`` when that
+    is a function. An existing ``out`` is replaced only when it is empty or a t2tune export
+    holding nothing but what t2tune wrote (``what`` names the setting in the refusal)."""
     check_export_target(out, what)
     with atomic_dir(out) as tmp:
         if merge and hasattr(model, "peft_config"):
             _save_merged(model, tokenizer, tmp, weights)
         else:
             save_hf(model, tokenizer, tmp, state_dict=weights)
+        report = check(tmp) if check is not None else None
+        if callable(card):
+            card = card(report)
         if card is not None:
             (tmp / "README.md").write_text(card, encoding="utf-8")
         write_marker(tmp, "export", files_below(tmp))

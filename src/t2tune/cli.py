@@ -44,7 +44,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result.main_process:
         state = result.state
         wall = round(time.perf_counter() - start, 1)
-        summary = {"out_dir": cfg.out_dir, "steps": state.optimizer_step, "tokens_seen": state.tokens_seen,
+        summary = {"out_dir": cfg.out_dir, "stopped": result.stopped, "steps": state.optimizer_step,
+                   "tokens_seen": state.tokens_seen,
                    "train_seconds": round(state.train_seconds, 1), "wall_seconds": wall,
                    "best": state.best, "last_eval": result.last_eval, "export": str(result.export)}
         print(json.dumps(summary))
@@ -117,20 +118,27 @@ def cmd_evaluate(args: argparse.Namespace, predict: bool = False) -> int:
         torch.set_num_threads(args.threads)  # a process setting: the CLI's to make
     result = evaluate(loaded.model, loaded.tokenizer, task, rows, config, with_metrics=not predict,
                       processes=processes)
-    if not processes.is_main_process:
-        return 0
+    try:
+        if processes.is_main_process:
+            _report(args, task, result, predict)
+    finally:  # every process leaves together: one that exits while another still works aborts in gloo's teardown
+        processes.wait_for_everyone()
+    return 0
+
+
+def _report(args: argparse.Namespace, task: Any, result: Any, predict: bool) -> None:
+    """The main process's output of evaluate / predict: predictions file, table, plots, summary."""
     if args.out:
         _write_jsonl(Path(args.out).expanduser(), result.records)
     summary = result.summary(task, args.mode)
     if not predict:
         _print_table(summary, result.metrics)
         if args.plots:
-            from .report import plot_confusion
+            from .report import plot_metrics
 
             Path(args.plots).mkdir(parents=True, exist_ok=True)
-            plot_confusion(result.metrics, Path(args.plots) / "confusion.png")
+            plot_metrics(result.metrics, Path(args.plots))
     print(json.dumps(summary))
-    return 0
 
 
 # --- export / tasks ------------------------------------------------------------------------
@@ -193,7 +201,7 @@ def _eval_args(p: argparse.ArgumentParser, predict: bool) -> None:
     else:
         p.add_argument("--data", required=True, help="file, folder or hub dataset id")
         p.add_argument("--out", help="predictions JSONL (one line per example)")
-        p.add_argument("--plots", help="folder for the confusion-matrix PNG")
+        p.add_argument("--plots", help="folder for the confusion-matrix and (score mode) reliability PNGs")
     p.add_argument("--split", default="validation", help="split name for folders and hub datasets")
     p.add_argument("--hub-config", default=None, help="hub dataset configuration (e.g. mnli)")
     p.add_argument("--mode", choices=sorted(CHOICES["eval.mode"]), default=defaults.mode)

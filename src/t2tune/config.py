@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import keyword
 import math
 import re
 import types
@@ -69,6 +70,12 @@ class TrainConfig:
     threads: int | None = None  # torch intra-op threads, set by the CLI; null keeps torch's choice
     max_minutes: float | None = None  # stop (validate, checkpoint, export) after this much training time
     # (the optimizer steps alone: validation and checkpoints do not count against it)
+    # the machine's peak for MFU, in the training precision; null: measured once by a short
+    # matmul and cached (see speed.py)
+    peak_tflops: float | None = None
+    # isolated packing: check at the start that packed rows give each example the loss it has
+    # alone (the attention implementation honours position-id restarts); see guards.py
+    packing_check: bool = True
 
 
 @dataclass
@@ -103,6 +110,22 @@ class EvalConfig:
     # entity lists cut off or garbled: lenient keeps a row's well-formed entities, strict drops
     # them all; either way the row is counted as malformed
     entity_parsing: str = "lenient"
+    metric: str | None = None  # what "best" means: a validation metric's name; null: the task's headline
+    greater_is_better: bool | None = None  # null: inferred from eval.metric (see metrics.greater_is_better)
+    patience: int = 0  # stop after this many validations without a new best; 0: never stop early
+
+
+@dataclass
+class ExportConfig:
+    # the weights exported to hf/: best (the best validated step; the last when no validation
+    # ran) | last; `from` in YAML and overrides (export.from=last)
+    from_: str = "best"
+    gate: bool = True  # reload the export and compare its logits with the trained model's
+
+
+@dataclass
+class LogConfig:
+    to: list[str] = field(default_factory=list)  # experiment trackers: tensorboard, trackio, wandb, mlflow
 
 
 @dataclass
@@ -115,9 +138,22 @@ class RunConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The config as YAML spells it (``from_`` is ``from``)."""
+        return {name: {_spelled(k): v for k, v in value.items()} if isinstance(value, dict) else value
+                for name, value in dataclasses.asdict(self).items()}
+
+
+def _attribute(key: str) -> str:
+    """The dataclass field of a config key: Python keywords carry a trailing underscore."""
+    return key + "_" if keyword.iskeyword(key) else key
+
+
+def _spelled(name: str) -> str:
+    return name[:-1] if name.endswith("_") and keyword.iskeyword(name[:-1]) else name
 
 
 CHOICES = {
@@ -131,7 +167,9 @@ CHOICES = {
     "train.method": {"full", "lora", "qlora"},
     "eval.mode": {"generate", "score"},
     "checkpoint.format": {"auto", "hf", "accelerate"},
+    "export.from": {"best", "last"},
 }
+TRACKERS = ("tensorboard", "trackio", "wandb", "mlflow")
 # The allowed range of every numeric key (null, where a key allows it, is always allowed).
 # Every float must also be finite: NaN and inf are refused wherever a number is read.
 _POS, _NONNEG, _FRACTION, _PROB = "> 0", ">= 0", "in [0, 1]", "in [0, 1)"
@@ -146,7 +184,7 @@ RANGES = {
     "lora.r": _POS, "lora.alpha": _POS, "lora.dropout": _PROB,
     "checkpoint.every": _NONNEG, "checkpoint.keep": _POS,
     "eval.every": _NONNEG, "eval.max_new_tokens": _POS, "eval.batch_size": _POS, "eval.seq_len": _POS,
-    "eval.limit": _POS,
+    "eval.limit": _POS, "eval.patience": _NONNEG, "train.peak_tflops": _POS,
 }
 MAX_CONFIG_BYTES = 1 << 20  # configs and task files are a few hundred bytes; this bounds a YAML bomb
 # Keys that may change when a run resumes: they do not alter what was already trained (out_dir:
@@ -154,7 +192,8 @@ MAX_CONFIG_BYTES = 1 << 20  # configs and task files are a few hundred bytes; th
 RESUME_SAFE = {"out_dir", "train.steps", "checkpoint.every", "checkpoint.keep", "eval.every", "eval.limit",
                "eval.batch_size", "eval.max_new_tokens", "eval.seq_len", "eval.mode", "eval.precision",
                "eval.entity_parsing", "train.log_every", "train.threads", "train.max_minutes", "data.validation",
-               "data.validation_split"}
+               "data.validation_split", "eval.patience", "export.from", "export.gate", "log.to", "train.peak_tflops",
+               "train.packing_check"}
 
 
 def _type_ok(value: Any, tp: Any) -> bool:
@@ -258,7 +297,7 @@ def build_config(values: dict[str, Any]) -> RunConfig:
         if not dataclasses.is_dataclass(section):
             errors.append(f"{key}: unknown key ('{head}' has no sub-keys)")
             continue
-        hints = typing.get_type_hints(type(section))
+        hints = {_spelled(name): tp for name, tp in typing.get_type_hints(type(section)).items()}
         if rest not in hints:
             close = difflib.get_close_matches(rest, list(hints), n=1)
             hint = f" (did you mean {head}.{close[0]}?)" if close else f" (known: {', '.join(sorted(hints))})"
@@ -271,7 +310,7 @@ def build_config(values: dict[str, Any]) -> RunConfig:
         if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
             errors.append(f"{key}: must be a finite number, got {short(value)}")
             continue
-        setattr(section, rest, value)
+        setattr(section, _attribute(rest), value)
     if not errors:
         errors.extend(_check_values(cfg))
     if errors:
@@ -284,7 +323,7 @@ def build_config(values: dict[str, Any]) -> RunConfig:
 def get_key(cfg: RunConfig, key: str) -> Any:
     obj: Any = cfg
     for part in key.split("."):
-        obj = getattr(obj, part)
+        obj = getattr(obj, _attribute(part))
     return obj
 
 
@@ -326,6 +365,9 @@ def _check_values(cfg: RunConfig) -> list[str]:
         errors.append(f"train.betas: must be two numbers in [0, 1), got {short(t.betas)}")
     if not cfg.out_dir:
         errors.append("out_dir: must not be empty")
+    unknown = [name for name in cfg.log.to if name not in TRACKERS]
+    if unknown:
+        errors.append(f"log.to: {short(unknown[0])} is not a tracker t2tune knows; choose from {', '.join(TRACKERS)}")
     return errors
 
 

@@ -10,7 +10,9 @@ score:    one forward pass per prompt scores every label's whole token sequence 
               prompt  p p p p | l1 l1 e | l2 e | l3 l3 l3 e
               l2 row sees     ✓ ✓ ✓ ✓ |  ✗  ✗ ✗ |  causal | ✗ ...
 
-          The label with the highest total log-likelihood wins; it is never invalid.
+          The label with the highest total log-likelihood wins; it is never invalid. Each row's
+          ``probabilities`` are the softmax of its label scores (the labels' share of the model's
+          belief), from which the metrics add the expected calibration error (``ece``).
 
 precision: fp32; bf16 (autocast: about 1.8× faster on an AVX512-BF16 CPU, but a few close
           calls flip); or bf16-checked: bf16, then every row whose decision was close (a greedy
@@ -34,7 +36,7 @@ from .data import public_fields
 from .engines import is_sharded
 from .errors import ConfigError, say
 from .loss import precision_context
-from .metrics import compute_metrics
+from .metrics import calibration_metrics, compute_metrics
 from .models import decoder_and_head
 from .tasks import Task
 from .tokenize import answer_ids, encode_prompts, generation_length
@@ -286,8 +288,9 @@ def evaluate(model: Any, tokenizer: Any, task: Task, rows: Sequence[dict[str, An
             all_scores, stats = _gathered(all_scores, owned, stats)
         for row, scores in zip(rows, all_scores):
             best = max(range(len(scores)), key=scores.__getitem__)
+            probabilities = torch.tensor(scores, dtype=torch.float64).softmax(0).tolist()  # over the labels
             records.append({**public_fields(row), "scores": dict(zip(task.labels, scores)),
-                            "prediction": task.labels[best]})
+                            "probabilities": dict(zip(task.labels, probabilities)), "prediction": task.labels[best]})
     seconds = time.perf_counter() - start
     model.train(was_training)
     metrics: dict[str, Any] = {}
@@ -297,6 +300,9 @@ def evaluate(model: Any, tokenizer: Any, task: Task, rows: Sequence[dict[str, An
         for record, ref in zip(records, refs):
             record["label"] = ref[0] if len(ref) == 1 else ref
         metrics = compute_metrics(task, [r["prediction"] for r in records], refs, ec.entity_parsing)
+        if mode == "score":
+            metrics.update(calibration_metrics([list(r["probabilities"].values()) for r in records],
+                                               [r["prediction"] for r in records], [ref[0] for ref in refs]))
     if main and stats.get("truncated"):
         say(f"warning: {stats['truncated']} of {len(records)} generations reached max_new_tokens={max_new_tokens} "
             "without their end-of-text token, so their answers may be cut off; raise eval.max_new_tokens "

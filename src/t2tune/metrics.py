@@ -127,5 +127,65 @@ def compute_metrics(task: Task, predictions: Sequence[str], references: Sequence
 
 
 def headline(task: Task) -> str:
-    """The metric that decides the best step."""
+    """The task's headline metric: what decides the best step unless ``eval.metric`` says otherwise."""
     return {"accuracy": "accuracy", "squad": "f1", "entities": "f1"}[task.metric]
+
+
+# Metric names (and counts) that are better when lower; every other metric is better when higher.
+LOWER_IS_BETTER = {"ece", "invalid", "empty", "malformed", "truncated", "loss"}
+
+
+def greater_is_better(name: str) -> bool:
+    """Whether a higher ``name`` is better (``eval.greater_is_better`` when it is not given).
+
+    >>> greater_is_better("accuracy"), greater_is_better("ece")
+    (True, False)
+    """
+    return name not in LOWER_IS_BETTER
+
+
+def metric_names(task: Task, mode: str) -> list[str]:
+    """The numbers a validation of ``task`` in ``mode`` reports, any of which ``eval.metric`` may name."""
+    if task.metric == "accuracy":
+        names = ["accuracy", "macro_f1", "invalid"] + (["f1"] if len(task.labels or ()) == 2 else []) \
+            + (["mcc"] if "mcc" in task.extra_metrics else [])
+        return names + (["ece"] if mode == "score" else ["truncated"])
+    if task.metric == "squad":
+        return ["exact_match", "f1", "empty", "truncated"]
+    return ["precision", "recall", "f1", "malformed", "truncated"]
+
+
+CALIBRATION_BINS = 15
+
+
+def calibration_metrics(probabilities: Sequence[Sequence[float]], predictions: Sequence[str],
+                        golds: Sequence[str], bins: int = CALIBRATION_BINS) -> dict[str, Any]:
+    """Expected calibration error of the top label's probability over ``bins`` equal-width bins
+    (ECE = Σ_b n_b/n · |accuracy_b − confidence_b|), and the reliability curve's points, binned
+    as scikit-learn's ``calibration_curve`` bins them (which draws the curve).
+
+    >>> out = calibration_metrics([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8]], ["a", "a", "b"], ["a", "b", "b"])
+    >>> round(out["ece"], 4), out["calibration"]["count"]
+    (0.3, [1, 1, 1])
+    """
+    import numpy as np
+    from sklearn.calibration import calibration_curve
+
+    confidence = np.array([max(p) for p in probabilities], dtype=float)
+    correct = np.array([p == g for p, g in zip(predictions, golds)], dtype=float)
+    if not len(confidence):
+        return {}
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.searchsorted(edges[1:-1], confidence)  # calibration_curve's own binning
+    counts = np.bincount(which, minlength=bins)
+    gap = np.abs(np.bincount(which, weights=correct, minlength=bins) -
+                 np.bincount(which, weights=confidence, minlength=bins))
+    ece = float(gap.sum() / len(confidence))
+    if correct.min() == correct.max():  # calibration_curve needs both outcomes; the points are direct
+        accuracy = np.bincount(which, weights=correct, minlength=bins)[counts > 0] / counts[counts > 0]
+        mean_conf = np.bincount(which, weights=confidence, minlength=bins)[counts > 0] / counts[counts > 0]
+    else:
+        accuracy, mean_conf = calibration_curve(correct, confidence, n_bins=bins, strategy="uniform")
+    return {"ece": ece, "calibration": {"bins": bins, "confidence": [float(x) for x in mean_conf],
+                                        "accuracy": [float(x) for x in accuracy],
+                                        "count": [int(c) for c in counts[counts > 0]]}}

@@ -111,7 +111,7 @@ def detach_gguf_quantizer(model: Any) -> None:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("T2TUNE_CACHE", Path.home() / ".cache" / "t2tune"))
+    return Path(os.environ.get("T2TUNE_CACHE") or Path.home() / ".cache" / "t2tune")  # empty: unset
 
 
 def gguf_as_folder(gguf: Path, cfg: Any) -> Path:

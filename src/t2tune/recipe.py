@@ -8,14 +8,18 @@
     │   ├─ data                           load_examples, a task's hub defaults filled in
     │   ├─ model                          load_model; seed; dropout / checkpointing / LoRA
     │   ├─ tokenize + pack                rows of train.seq_len + 1 tokens
-    │   └─ accelerate                     LossModule, AdamW and the schedule on every process
+    │   └─ accelerate                     LossModule, AdamW and the schedule on every process;
+    │                                     the trackers of log.to
     └─ Run.train()
         ├─ resume                         newest complete checkpoint: model, optimizer, RNG, data position
+        ├─ packing self-test              isolated packing: packed losses = losses alone (guards.py)
         ├─ fit                            the loop: step, log, validate, checkpoint; stops on
-        │                                 train.steps, train.max_minutes, a signal, or a loss
-        │                                 that is not finite
-        └─ validate, checkpoint, export   once after the loop (a signal stop only checkpoints;
-                                          a diverged run writes nothing more)
+        │                                 train.steps, train.max_minutes, a signal, a loss that
+        │                                 is not finite, or eval.patience
+        ├─ validate, checkpoint           once after the loop (a signal stop only checkpoints;
+        │                                 a diverged run writes nothing more)
+        └─ export                         the best (or last) step's weights to hf/, reloaded and
+                                          compared first (the export gate), then the summary
 
 Every process runs all of this; the main process alone writes the run folder's shared files.
 """
@@ -42,13 +46,15 @@ from .engines import cpu_only, fill_deepspeed_config, is_sharded, process_state
 from .errors import ConfigError, UserError, say
 from .evaluation import EvalResult, evaluate
 from .files import atomic_file
+from .guards import GateReport, check_packing, gate_export, last_token_logits
 from .loss import LossModule
-from .metrics import headline
+from .metrics import greater_is_better, headline, metric_names
 from .models import check_model_name, check_qlora_available, load_model, prepare_for_training
 from .packing import PackedRow, pack
-from .report import MetricsLog, model_card, read_events, refresh_plots
+from .report import MetricsLog, Trackers, check_trackers, model_card, read_events, refresh_plots, tracker_settings
+from .speed import flops_per_token, mfu, packing_efficiency, peak_tflops
 from .tasks import Task, get_task
-from .tokenize import encode_for_training
+from .tokenize import encode_for_training, encode_prompts
 from .training import (
     Engine,
     Schedule,
@@ -62,12 +68,13 @@ from .training import (
 )
 
 Row = dict[str, Any]
+GATE_PROMPTS = 4  # validation prompts the export gate compares
 
 
 @dataclass
 class RunResult:
     state: TrainState
-    stopped: str  # "steps" | "max_minutes" | "signal" | "diverged"
+    stopped: str  # "steps" | "max_minutes" | "patience" | "signal" | "diverged"
     signal: int | None  # the signal number when stopped by one
     last_eval: dict[str, Any]  # the last validation's summary ({} when none ran)
     export: Path | None  # the Hugging Face export; None after a signal stop or divergence
@@ -94,6 +101,15 @@ def prepare(cfg: RunConfig, *, overwrite: bool = False, task: Task | None = None
         check_model_name(cfg.model.name)
     if cfg.train.method == "qlora":
         check_qlora_available()
+    check_trackers(cfg.log.to)
+    if metric is None and cfg.eval.metric is not None:
+        known = metric_names(task, (eval_config or cfg.eval).mode)
+        if cfg.eval.metric not in known:
+            raise ConfigError(f"eval.metric: {cfg.eval.metric!r} is not reported for task {task.name} in "
+                              f"{(eval_config or cfg.eval).mode} mode; choose from {', '.join(known)}")
+    if accelerator is not None and cfg.log.to:
+        raise ConfigError("log.to: an accelerator passed in brings its own trackers (Accelerator(log_with=...)); "
+                          "leave log.to empty")
     process = process_state()
     folder = RunFolder(Path(cfg.out_dir))
     lock = _claim(folder, cfg, overwrite, process)
@@ -117,7 +133,8 @@ def prepare(cfg: RunConfig, *, overwrite: bool = False, task: Task | None = None
     # engine step) both need; the count is the micro-batches per process per optimizer step
     accumulation = t.global_batch_size // (t.micro_batch_size * process.num_processes)
     if accelerator is None:
-        accelerator = Accelerator(cpu=cpu_only(), gradient_accumulation_steps=accumulation)
+        trackers = {"log_with": cfg.log.to, "project_dir": str(folder.trackers)} if cfg.log.to else {}
+        accelerator = Accelerator(cpu=cpu_only(), gradient_accumulation_steps=accumulation, **trackers)
         fill_deepspeed_config(accelerator, cfg.train, accumulation)
     elif accelerator.gradient_accumulation_steps != accumulation:
         raise ConfigError(f"the accelerator given accumulates {accelerator.gradient_accumulation_steps} micro-batches "
@@ -182,13 +199,15 @@ class Session(Protocol):
     def step(self) -> StepResult: ...
     def progress(self, result: StepResult, seconds: float) -> None: ...
     def log(self, result: StepResult, seconds: float) -> None: ...
-    def validate(self) -> None: ...
+    def validate(self) -> bool | None: ...
     def checkpoint(self) -> Any: ...
 
 
 def fit(run: Session, state: TrainState, schedule: Schedule, stop: StopRequest) -> str:
-    """The training loop. Returns why it stopped: ``steps``, ``signal``, ``max_minutes`` or
-    ``diverged`` (a loss or gradient norm that is not finite)."""
+    """The training loop. Returns why it stopped: ``steps``, ``signal``, ``max_minutes``,
+    ``patience`` (``eval.patience`` validations without a new best) or ``diverged`` (a loss or
+    gradient norm that is not finite). A validation that finds a new best checkpoints its step,
+    so that the best weights exist to export."""
     while True:
         if state.optimizer_step >= schedule.steps:
             return "steps"
@@ -208,10 +227,11 @@ def fit(run: Session, state: TrainState, schedule: Schedule, stop: StopRequest) 
         run.progress(result, seconds)
         if schedule.logs(step):
             run.log(result, seconds)
-        if schedule.validates(step):
-            run.validate()
-        if schedule.checkpoints(step):
+        improved = run.validate() if schedule.validates(step) else False
+        if improved or schedule.checkpoints(step):
             run.checkpoint()
+        if schedule.out_of_patience(state.stale):
+            return "patience"
 
 
 class Run:
@@ -226,14 +246,23 @@ class Run:
         self.accelerator = engine.accelerator
         self.main = self.accelerator.is_main_process
         self.state = TrainState()
-        self.log_file = MetricsLog(folder.metrics, self.main)
+        self.trackers = Trackers(self.accelerator) if cfg.log.to else None
+        self.log_file = MetricsLog(folder.metrics, self.main, self.trackers)
         self.bar: Any = None
         self.lock: Any = None  # the out_dir lock (main process), released when train() ends
         self.length_targets: list[str] | None = None  # training targets of a free-text task
         self.diverged: dict[str, Any] = {}
         every = eval_config.every if eval_rows else 0
         steps = sys.maxsize if cfg.train.steps == "auto" else cfg.train.steps  # auto: the budget stops it
-        self.schedule = Schedule(steps, cfg.train.log_every, every, cfg.checkpoint.every)
+        self.schedule = Schedule(steps, cfg.train.log_every, every, cfg.checkpoint.every, eval_config.patience)
+        # what "best" means: eval.metric (default: the task's headline), higher or lower better
+        self.best_key = eval_config.metric or headline(task)
+        given = eval_config.greater_is_better
+        self.higher = greater_is_better(self.best_key) if given is None else given
+        self.flops_per_token = flops_per_token(model, cfg.train.seq_len)
+        self.peak, self.peak_source = 0.0, ""  # measured when training starts
+        self._since = time.perf_counter()  # wall_seconds counts from here
+        self.packing_report: dict[str, Any] = {}  # the packing self-test's drift and seconds
 
     @property
     def last_eval(self) -> dict[str, Any]:
@@ -243,6 +272,8 @@ class Run:
         try:
             return self._train()
         finally:
+            if self.trackers is not None:
+                self.trackers.finish()
             if self.lock is not None:
                 self.lock.release()
 
@@ -251,8 +282,19 @@ class Run:
         if self.main:
             with atomic_file(self.folder.config) as handle:
                 handle.write(dump_config(self.cfg))
+        if self.trackers is not None:
+            self.trackers.start(self.folder.root.name, self.cfg.to_dict(),
+                                tracker_settings(self.cfg.log.to, self.folder.trackers))
+        checked = self.check_packing()
+        t = self.cfg.train
+        dtype = torch.bfloat16 if t.precision == "bf16" else next(self.model.parameters()).dtype
+        self.peak, self.peak_source = peak_tflops(self.accelerator.device, dtype, t.peak_tflops)
+        self._since = time.perf_counter()
         self.log_file.write({"event": "start", "step": self.state.optimizer_step, "resumed": resumed,
                              "rows": len(self.rows), "dropped_examples": self.dropped,
+                             "packing_efficiency": round(packing_efficiency(self.rows, t.seq_len), 4),
+                             "flops_per_token": self.flops_per_token, "peak_tflops": round(self.peak, 4),
+                             "peak_source": self.peak_source, **checked,
                              "processes": self.accelerator.num_processes, "t2tune": __version__})
         from tqdm.auto import tqdm
 
@@ -277,12 +319,93 @@ class Run:
             weights = self._full_weights()
         else:
             weights = self.checkpoint()  # gathers the full weights once, for both
+        chosen, weights = self._exported_step(weights)
+        gate = self._gate() if self.cfg.export.gate else None
+        failed = None
         if self.main:
-            self.export(self.folder.export, weights=weights)
-            self.log_file.write({"event": "end", "step": step, "best": self.state.best,
-                                 "tokens_seen": self.state.tokens_seen, "train_seconds": self.state.train_seconds})
+            try:
+                report = self.export(self.folder.export, weights=weights, check=gate, exported=chosen)
+                self._tick()
+                end = self.summary(chosen, report)
+                self.log_file.write({"event": "end", "step": step, "stopped": stopped, **end})
+            except UserError as exc:  # every process reaches the barrier below before it is raised
+                failed = exc
         self.accelerator.wait_for_everyone()
+        if failed is not None:
+            raise failed
         return RunResult(self.state, stopped, None, self.last_eval, self.folder.export, self.main)
+
+    # --- what is exported, and the end-of-run summary ------------------------------------------
+    def _exported_step(self, weights: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """The validation summary of the step to export (``export.from``), its weights restored
+        into the model when it is not the last step; and the weights to export (gathered ones
+        under sharded engines, else None)."""
+        best, last = self.state.best, self.state.optimizer_step
+        if self.cfg.export.from_ == "last" or not best or best.get("step") == last:
+            return {**(self.last_eval if self.last_eval.get("step") == last else {}), "step": last}, weights
+        step = self.folder.step(best["step"])
+        if step.engine.is_dir():  # sharded: every process loads its part, then the weights are gathered
+            self.accelerator.load_state(str(step.engine))
+            return best, self._full_weights()
+        if is_sharded(self.accelerator):
+            say(f"warning: the best step ({best['step']}) has no engine state to restore under a sharded engine "
+                f"(checkpoint.format: hf); exporting the last step ({last}) instead")
+            return {**self.last_eval, "step": last}, weights
+        load_weights(self.model, step.model)
+        return best, None
+
+    def _gate(self) -> Callable[[Path], GateReport] | None:
+        """The export gate's check: the trained model's last-token logits on a few validation
+        prompts now (every process, as sharded weights need), the reload compared with them later."""
+        rows = self.eval_rows[:GATE_PROMPTS] or []
+        if not rows:
+            return None
+        ids = encode_prompts(self.tokenizer, [self.task.prompt_text(r) for r in rows], self.eval_config.seq_len)
+        if not (self.main or is_sharded(self.accelerator)):
+            return None
+        reference = last_token_logits(self.model, ids)
+        return lambda folder: gate_export(folder, reference, ids)
+
+    def _tick(self) -> float:
+        """Add the time since the last tick to ``wall_seconds``; returns it."""
+        now = time.perf_counter()
+        self.state.wall_seconds += now - self._since
+        self._since = now
+        return self.state.wall_seconds
+
+    def mfu(self, tokens: int, seconds: float) -> float:
+        return mfu(tokens / seconds, self.flops_per_token, self.peak, self.accelerator.num_processes) \
+            if seconds and self.peak else 0.0
+
+    def summary(self, exported: dict[str, Any], gate: GateReport | None) -> dict[str, Any]:
+        """The end-of-run numbers; printed as a few lines on stderr, returned for metrics.jsonl."""
+        s, t = self.state, self.cfg.train
+        wall = max(s.wall_seconds, 1e-9)
+        tps = s.tokens_seen / s.train_seconds if s.train_seconds else 0.0
+        numbers = {"tokens_seen": s.tokens_seen, "train_seconds": round(s.train_seconds, 3),
+                   "eval_seconds": round(s.eval_seconds, 3), "wall_seconds": round(s.wall_seconds, 3),
+                   "tokens_per_s": round(tps, 1), "mfu": round(self.mfu(s.tokens_seen, s.train_seconds), 5),
+                   "packing_efficiency": round(packing_efficiency(self.rows, t.seq_len), 4),
+                   "validation_share": round(s.eval_seconds / wall, 4), "best": s.best,
+                   "exported_step": exported.get("step"), "export": str(self.folder.export),
+                   "gate_drift": gate.drift if gate else None}
+        precision = "bf16" if t.precision == "bf16" else str(next(self.model.parameters()).dtype).removeprefix("torch.")
+        say(f"{s.optimizer_step} steps, {s.tokens_seen:,} tokens in {s.wall_seconds / 60:.1f} min: training "
+            f"{s.train_seconds / 60:.1f} min at {tps:,.0f} tokens/s (MFU {numbers['mfu']:.1%} of "
+            f"{self.peak:.3g} TFLOP/s {precision}, {self.peak_source}), validation {s.eval_seconds / 60:.1f} min "
+            f"({numbers['validation_share']:.1%} of the wall time)")
+        test = self.packing_report
+        test_text = f"; packing self-test passed (drift {test['drift']:.2g} nats/token, {test['seconds']:.1f} s)" \
+            if test else ""
+        say(f"packing efficiency {numbers['packing_efficiency']:.1%} (real tokens ÷ row slots, "
+            f"train.packing: {t.packing}){test_text}")
+        key = self.best_key
+        best = f"best {key} {s.best[key]:.4f} at step {s.best['step']}; " if s.best.get(key) is not None else ""
+        gate_text = f"; export gate passed (drift {gate.drift:.2g}, {gate.dtype})" if gate else \
+            ("; export gate off" if not self.cfg.export.gate else "; export gate skipped (no validation rows)")
+        say(f"{best}exported step {exported.get('step')} (export.from: {self.cfg.export.from_}) to "
+            f"{self.folder.export}{gate_text}")
+        return numbers
 
     # --- the loop's verbs ------------------------------------------------------------------
     def agree(self, seconds: float) -> float:
@@ -313,7 +436,8 @@ class Run:
     def progress(self, result: StepResult, seconds: float) -> None:
         lr = self.engine.scheduler.get_last_lr()[0]
         tps = result.tokens / seconds if seconds else 0.0
-        self.bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", refresh=False)
+        self.bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}",
+                             mfu=f"{self.mfu(result.tokens, seconds):.1%}", refresh=False)
         self.bar.update(1)
 
     def log(self, result: StepResult, seconds: float) -> None:
@@ -321,27 +445,50 @@ class Run:
         self.log_file.write({"event": "train", "step": s.optimizer_step, "loss": result.loss,
                              "lr": self.engine.scheduler.get_last_lr()[0],
                              "tokens_per_s": result.tokens / seconds if seconds else 0.0,
+                             "mfu": round(self.mfu(result.tokens, seconds), 5),
                              "grad_norm": result.grad_norm, "epoch": s.epoch, "tokens_seen": s.tokens_seen,
-                             "train_seconds": round(s.train_seconds, 3)})
+                             "train_seconds": round(s.train_seconds, 3), "wall_seconds": round(self._tick(), 3)})
 
-    def validate(self) -> None:
+    def validate(self) -> bool:
         """Validate on every process (each runs its share); the main process records the best
-        step, logs and plots."""
+        step, logs and plots. Returns whether this step is a new best (on every process)."""
+        start = time.perf_counter()
         result = self.evaluate()
+        improved = False
         if self.main:
             summary = result.summary(self.task, self.eval_config.mode)
-            key, step = headline(self.task), self.state.optimizer_step
-            value = summary.get(key, 0.0)
-            if not self.state.best or value > self.state.best.get(key, -1):
-                self.state.best = {"step": step, key: value}
-            self.state.last_eval = {**summary, "step": step}
-            self.log_file.write({"event": "eval", "step": step, **summary, "best_step": self.state.best["step"],
-                                 "train_seconds": round(self.state.train_seconds, 3), "metrics": result.metrics})
+            s, key = self.state, self.best_key
+            if key not in summary:
+                raise ConfigError(f"eval.metric: the validation reports no {key!r}; it reports "
+                                  f"{', '.join(k for k, v in summary.items() if isinstance(v, (int, float)))}")
+            step, value = s.optimizer_step, summary[key]
+            improved = not s.best or (value > s.best[key] if self.higher else value < s.best[key])
+            s.best = {**summary, "step": step} if improved else s.best
+            s.stale = 0 if improved else s.stale + 1
+            s.last_eval = {**summary, "step": step}
+            s.eval_seconds += time.perf_counter() - start
+            share = s.eval_seconds / max(self._tick(), 1e-9)
+            self.log_file.write({"event": "eval", "step": step, **summary, "best_step": s.best["step"],
+                                 "train_seconds": round(s.train_seconds, 3), "eval_seconds": round(s.eval_seconds, 3),
+                                 "validation_share": round(share, 4), "metrics": result.metrics})
             if self.bar is not None:
-                self.bar.write(f"step {step}: {key} {value:.4f} (best {self.state.best[key]:.4f} "
-                               f"at step {self.state.best['step']}), {summary['examples_per_s']} examples/s")
+                self.bar.write(f"step {step}: {key} {value:.4f} (best {s.best[key]:.4f} at step {s.best['step']}), "
+                               f"{summary['examples_per_s']} examples/s")
             refresh_plots(self.folder.plots, read_events(self.folder.metrics), result.metrics)
-        self.accelerator.wait_for_everyone()
+            if self.trackers is not None:
+                for name in ("confusion", "reliability"):
+                    self.trackers.image(f"eval/{name}", self.folder.plots / f"{name}.png", step)
+        return self._agreed(improved)
+
+    def _agreed(self, flag: bool) -> bool:
+        """The main process's ``flag`` (and the state it decided with) on every process."""
+        if self.accelerator.num_processes == 1:
+            return flag
+        from accelerate.utils import broadcast_object_list
+
+        flag, best, stale = broadcast_object_list([flag, self.state.best, self.state.stale])
+        self.state.best, self.state.stale = best, stale
+        return flag
 
     def _full_weights(self) -> dict[str, Any] | None:
         """Under FSDP / DeepSpeed, the full weights gathered to the main process (a collective:
@@ -354,9 +501,11 @@ class Run:
         return {k.removeprefix("model."): v for k, v in state.items()}
 
     def checkpoint(self) -> dict[str, Any] | None:
-        """Write ``step-N/`` (collective under sharded engines). Returns the gathered full
-        weights on the main process of a sharded engine, None elsewhere, for the export to reuse."""
+        """Write ``step-N/`` (collective under sharded engines); rotation keeps the best step.
+        Returns the gathered full weights on the main process of a sharded engine, None
+        elsewhere, for the export to reuse."""
         acc, step = self.accelerator, self.state.optimizer_step
+        self._tick()
         model_state = self._full_weights()
         engine = None
         fmt = self.cfg.checkpoint.format
@@ -376,11 +525,22 @@ class Run:
                 kept = [f"step-{n}" for n, _ in self.folder.checkpoints()]
                 raise UserError(f"{self.folder.step(step).path}: could not write the checkpoint ({exc.strerror}); "
                                 f"kept: {', '.join(kept) or 'no older checkpoint'}") from None
-            self.folder.rotate(self.cfg.checkpoint.keep)
+            self.folder.rotate(self.cfg.checkpoint.keep, protect=self.state.best.get("step"))
         acc.wait_for_everyone()
         return model_state
 
-    # --- resume, evaluate, export ------------------------------------------------------------
+    # --- resume, self-test, evaluate, export ----------------------------------------------------
+    def check_packing(self) -> dict[str, Any]:
+        """The packing self-test (isolated packing unless ``train.packing_check: false``; every
+        process runs it, as sharded weights need); its drift and cost for the start event."""
+        t = self.cfg.train
+        if t.packing != "isolated" or not t.packing_check:
+            return {}
+        start = time.perf_counter()
+        drift = check_packing(self.model, self.rows, t.precision)
+        self.packing_report = {"drift": drift, "seconds": round(time.perf_counter() - start, 3)}
+        return {"packing_check": self.packing_report}
+
     def resume(self) -> bool:
         """Continue from the newest complete checkpoint; False when there is none."""
         found = self.folder.checkpoints()
@@ -403,6 +563,16 @@ class Run:
         self.log_file.trim_after(step)
         return True
 
+    def _why(self, shown: dict[str, Any]) -> str:
+        """The model card's line on which step was exported and why."""
+        step, key = shown.get("step", self.state.optimizer_step), self.best_key
+        if not self.state.best:
+            return f"Exported weights: step {step}, the last (no validation ran)."
+        if self.cfg.export.from_ == "last":
+            return f"Exported weights: step {step}, the last (export.from: last)."
+        return (f"Exported weights: step {step} of {self.state.optimizer_step}, the best validation {key} "
+                f"({self.state.best[key]:.4f}; export.from: best).")
+
     def evaluate(self, limit: int | None = None) -> EvalResult:
         """Validate on the eval rows with the eval config; metrics via ``metric`` when given."""
         ec = self.eval_config
@@ -414,11 +584,21 @@ class Run:
                                               [self.task.references(r) for r in rows]))
         return result
 
-    def export(self, path: Path, merge: bool = True, weights: dict[str, Any] | None = None) -> Path:
-        """Write the Hugging Face export (main process); ``weights``: gathered full weights."""
-        card = model_card(self.cfg, self.task, self.base_name, self.state, self.last_eval)
+    def export(self, path: Path, merge: bool = True, weights: dict[str, Any] | None = None,
+               check: Callable[[Path], GateReport] | None = None,
+               exported: dict[str, Any] | None = None) -> GateReport | None:
+        """Write the Hugging Face export (main process); ``weights``: gathered full weights;
+        ``check``: the export gate; ``exported``: the validation summary of the exported step
+        (default: the last validation). Returns the gate's report."""
+        shown = self.last_eval if exported is None else exported
+        reports: list[GateReport | None] = [None]
+
+        def card(report: GateReport | None) -> str:
+            reports[0] = report
+            return model_card(self.cfg, self.task, self.base_name, self.state, shown, self._why(shown), report)
         try:
-            return export(self.model, self.tokenizer, path, merge=merge, card=card, weights=weights)
+            export(self.model, self.tokenizer, path, merge=merge, card=card, weights=weights, check=check)
+            return reports[0]
         except OSError as exc:
             raise UserError(f"{path}: could not write the export ({exc.strerror}); the checkpoints are kept, "
                             "run `t2tune export` on the newest one") from None

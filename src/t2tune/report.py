@@ -18,10 +18,10 @@ from .tasks import Task
 
 class MetricsLog:
     """``out_dir/metrics.jsonl``: one JSON object per event, appended and flushed; only the
-    main process writes."""
+    main process writes. ``trackers`` receive every event too (:class:`Trackers`)."""
 
-    def __init__(self, path: Path, enabled: bool):
-        self.path, self.enabled = path, enabled
+    def __init__(self, path: Path, enabled: bool, trackers: Trackers | None = None):
+        self.path, self.enabled, self.trackers = path, enabled, trackers
 
     def trim_after(self, step: int) -> None:
         """On resume, drop lines a killed run wrote after its last checkpoint (they will be redone)."""
@@ -36,6 +36,90 @@ class MetricsLog:
         if self.enabled:
             with open(self.path, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(event) + "\n")
+            if self.trackers is not None:
+                self.trackers.log(event)
+
+
+# --- experiment trackers ---------------------------------------------------------------------
+
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "trackio": "trackio", "wandb": "wandb", "mlflow": "mlflow"}
+
+
+def check_trackers(names: list[str]) -> None:
+    """Refuse ``log.to`` trackers whose package is missing (accelerate would drop them with a warning)."""
+    import importlib.util
+
+    from .errors import UserError
+
+    for name in names:
+        if importlib.util.find_spec(TRACKER_PACKAGES[name]) is None:
+            raise UserError(f"log.to: {name} needs the {TRACKER_PACKAGES[name]} package: "
+                            f"pip install 't2tune[{name}]'")
+
+
+def tracker_settings(names: list[str], folder: Path) -> dict[str, dict[str, Any]]:
+    """accelerate ``init_kwargs`` that keep every tracker on this machine, under ``folder``,
+    unless the user's environment says otherwise (``WANDB_MODE``, ``MLFLOW_TRACKING_URI``,
+    ``TRACKIO_DIR``, which these packages read themselves)."""
+    import os
+
+    kwargs: dict[str, dict[str, Any]] = {}
+    if "wandb" in names:
+        kwargs["wandb"] = {"dir": str(folder)}
+        if "WANDB_MODE" not in os.environ:
+            kwargs["wandb"]["mode"] = "offline"
+    if "mlflow" in names:
+        os.environ.setdefault("MLFLOW_TRACKING_URI", (folder / "mlruns").resolve().as_uri())
+        kwargs["mlflow"] = {"logging_dir": str(folder / "mlflow-artifacts")}
+    if "trackio" in names:
+        os.environ.setdefault("TRACKIO_DIR", str(folder / "trackio"))
+    return kwargs
+
+
+def _hyperparameters(config: dict[str, Any]) -> dict[str, Any]:
+    """The config as flat ``section.key`` values that every tracker accepts (lists as text)."""
+    flat: dict[str, Any] = {}
+    for section, values in config.items():
+        for key, value in (values.items() if isinstance(values, dict) else [("", values)]):
+            name = f"{section}.{key}" if key else section
+            flat[name] = value if isinstance(value, (bool, int, float, str)) or value is None else str(value)
+    return flat
+
+
+class Trackers:
+    """The run's experiment trackers, through accelerate's tracker API (``Accelerator(log_with=...)``):
+    the config as hyperparameters, train and eval events as scalars, plots as images where the
+    tracker takes images. ``metrics.jsonl`` stays the record; trackers are copies of it."""
+
+    def __init__(self, accelerator: Any):
+        self.accelerator = accelerator
+
+    def start(self, project: str, config: dict[str, Any], settings: dict[str, dict[str, Any]]) -> None:
+        self.accelerator.init_trackers(project, config=_hyperparameters(config), init_kwargs=settings)
+
+    def log(self, event: dict[str, Any]) -> None:
+        kind = event.get("event")
+        if kind not in ("train", "eval"):
+            return
+        values = {f"{kind}/{k}": v for k, v in event.items()
+                  if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+        self.accelerator.log(values, step=event["step"])
+
+    def image(self, name: str, png: Path, step: int) -> None:
+        if not png.is_file():
+            return
+        import numpy as np
+
+        picture = (_pyplot().imread(png)[..., :3] * 255).astype(np.uint8)  # (H, W, 3)
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.log_images({name: picture[None]}, step=step, dataformats="NHWC")
+            elif hasattr(tracker, "log_images"):
+                tracker.log_images({name: [picture]}, step=step)
+
+    def finish(self) -> None:
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
 
 
 def _step_of(line: str) -> int:
@@ -111,6 +195,33 @@ def plot_confusion(metrics: dict[str, Any], path: Path) -> bool:
     return True
 
 
+def plot_reliability(metrics: dict[str, Any], path: Path) -> bool:
+    """The reliability diagram of score mode: accuracy against confidence per bin, with the
+    diagonal of perfect calibration and each bin's share of the rows."""
+    curve = metrics.get("calibration")
+    if not curve:
+        return False
+    plt = _pyplot()
+    fig, (ax, counts) = plt.subplots(2, 1, figsize=(4.5, 5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfectly calibrated")
+    ax.plot(curve["confidence"], curve["accuracy"], marker="o", label="model")
+    ax.set(ylabel="accuracy", title=f"reliability (ECE {metrics.get('ece', 0):.3f}, {curve['bins']} bins)",
+           xlim=(0, 1), ylim=(0, 1))
+    ax.legend(loc="upper left")
+    counts.bar(curve["confidence"], curve["count"], width=1 / curve["bins"], color="tab:blue", alpha=0.6)
+    counts.set(xlabel="confidence (top label's probability)", ylabel="rows")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def plot_metrics(metrics: dict[str, Any], folder: Path) -> None:
+    """The plots of one validation: confusion matrix, and the reliability diagram (score mode)."""
+    plot_confusion(metrics, folder / "confusion.png")
+    plot_reliability(metrics, folder / "reliability.png")
+
+
 def refresh_plots(folder: Path, events: list[dict[str, Any]], metrics: dict[str, Any] | None = None) -> None:
     """Redraw the run's plots; a failure (no matplotlib, a full disk) is reported on stderr and
     does not stop training: the numbers stay in ``metrics.jsonl``."""
@@ -118,18 +229,22 @@ def refresh_plots(folder: Path, events: list[dict[str, Any]], metrics: dict[str,
         folder.mkdir(parents=True, exist_ok=True)
         plot_training(events, folder)
         if metrics:
-            plot_confusion(metrics, folder / "confusion.png")
+            plot_metrics(metrics, folder)
     except (ImportError, OSError, ValueError, RuntimeError) as exc:
         say(f"warning: plots in {folder} not updated ({type(exc).__name__}: {exc})")
 
 
 # --- model card ------------------------------------------------------------------------------
 
-def model_card(cfg: Any, task: Task, base_name: str, state: Any, last_eval: dict[str, Any]) -> str:
-    """The README.md of an export: prompt format, training config, validation numbers, with a
-    metadata block the Hub reads (``huggingface_hub.ModelCardData``)."""
+def model_card(cfg: Any, task: Task, base_name: str, state: Any, last_eval: dict[str, Any],
+               exported: str | None = None, gate: Any = None) -> str:
+    """The README.md of an export: prompt format, training config, validation numbers (of the
+    exported step), which step was exported and why (``exported``), and the export gate's
+    verdict (``gate``, a :class:`t2tune.guards.GateReport`), with a metadata block the Hub reads
+    (``huggingface_hub.ModelCardData``)."""
     fields = {name: f"<{name}>" for name in task.input_fields + task.target_fields}
     prompt = task.prompt_text(fields)
+    checks = "".join(f"{line}\n\n" for line in (exported, gate.line() if gate is not None else None) if line)
     if last_eval:
         shown = {k: v for k, v in last_eval.items() if isinstance(v, (int, float, str)) and v is not None}
         source = f"{cfg.data.validation or cfg.data.train} (split {cfg.data.validation_split})"
@@ -177,7 +292,7 @@ Trained for {state.optimizer_step} optimizer steps ({state.tokens_seen:,} tokens
 
 ## Validation
 
-{metrics}
+{checks}{metrics}
 ## Upload
 
 No upload was attempted. To publish this folder:

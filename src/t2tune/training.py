@@ -33,9 +33,12 @@ class TrainState:
     epoch: int = 0  # data epochs started
     row_in_epoch: int = 0  # next row (in this epoch's shuffled order)
     tokens_seen: int = 0  # real (non-padding) input tokens trained on
-    train_seconds: float = 0.0
-    best: dict[str, Any] = field(default_factory=dict)  # {"step", metric: value} of the best validation
+    train_seconds: float = 0.0  # the optimizer steps' time (the time budget's clock)
+    eval_seconds: float = 0.0  # validation's time
+    wall_seconds: float = 0.0  # everything from the first step on (model loading excluded)
+    best: dict[str, Any] = field(default_factory=dict)  # the best validation's summary, with its step
     last_eval: dict[str, Any] = field(default_factory=dict)  # the last validation's summary, with its step
+    stale: int = 0  # validations since the best (eval.patience)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainState:
@@ -204,12 +207,18 @@ class Schedule:
     >>> s = Schedule(steps=6, log_every=4, eval_every=2, checkpoint_every=3)
     >>> [(n, s.logs(n), s.validates(n), s.checkpoints(n)) for n in (2, 3, 4, 6)]
     [(2, False, True, False), (3, False, False, True), (4, True, True, False), (6, True, False, False)]
+    >>> Schedule(steps=6, patience=2).out_of_patience(2), Schedule(steps=6).out_of_patience(9)
+    (True, False)
     """
 
     steps: int
     log_every: int = 1
     eval_every: int = 0  # 0: validate only after the loop
     checkpoint_every: int = 0  # 0: checkpoint only after the loop
+    patience: int = 0  # validations without a new best before stopping; 0: never
+
+    def out_of_patience(self, stale: int) -> bool:
+        return bool(self.patience) and stale >= self.patience
 
     def logs(self, step: int) -> bool:
         return step % self.log_every == 0 or step == self.steps
