@@ -15,7 +15,7 @@ from t2tune.evaluation import evaluate
 from t2tune.models import load_model
 from t2tune.recipe import train
 from t2tune.report import plot_reliability
-from t2tune.speed import flops_per_token, matmul_parameters, peak_tflops
+from t2tune.speed import matmul_parameters, model_flops, peak_tflops
 from t2tune.tasks import get_task
 
 
@@ -63,16 +63,19 @@ def test_speed_figures_in_metrics_jsonl(tmp_path, mnli_dir):
     assert end["wall_seconds"] >= end["train_seconds"] + end["eval_seconds"] * 0.99
 
 
-def test_flops_per_token_counts_matmul_parameters(tiny):
+def test_model_flops_count_matmul_parameters(tiny):
     model = tiny.model
     embedding = model.get_input_embeddings().weight.numel()
+    head = model.get_output_embeddings().weight.numel()
     total = sum(p.numel() for p in model.parameters())
-    assert matmul_parameters(model) == (total - embedding, 0)  # untied: the head is its own matrix
-    # 2 layers of width 64, 100 tokens of context: 12 · 2 · 64 · 100 attention FLOPs per token
-    assert flops_per_token(model, 100) == 6 * (total - embedding) + 12 * 2 * 64 * 100
+    bias = model.get_output_embeddings().bias.numel()
+    assert matmul_parameters(model) == (total - embedding - head, 0, head)  # its bias counts with the decoder
+    flops = model_flops(model, 100)  # 2 layers of width 64, 100 tokens: 12 · 2 · 64 · 100 attention FLOPs
+    assert flops.per_token == 6 * (total - embedding - head) + 12 * 2 * 64 * 100 and flops.per_label == 6 * head
+    assert flops.of(10, 2) == 10 * flops.per_token + 2 * 6 * head and bias == 50400
     smol = load_model(ModelConfig(name="smollm2-135m")).model
-    trained, frozen = matmul_parameters(smol)  # tied: the output matmul counts, the lookup does not
-    assert frozen == 0 and trained == sum(p.numel() for p in smol.parameters())
+    trained, frozen, tied = matmul_parameters(smol)  # tied: the output matmul counts, the lookup does not
+    assert frozen == 0 and trained + tied == sum(p.numel() for p in smol.parameters()) and tied == 49152 * 576
 
 
 def test_the_measured_peak_is_cached(tmp_path, monkeypatch):

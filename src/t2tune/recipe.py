@@ -52,7 +52,7 @@ from .metrics import greater_is_better, headline, metric_names
 from .models import check_model_name, check_qlora_available, load_model, prepare_for_training
 from .packing import PackedRow, pack
 from .report import MetricsLog, Trackers, check_trackers, model_card, read_events, refresh_plots, tracker_settings
-from .speed import flops_per_token, mfu, packing_efficiency, peak_tflops
+from .speed import mfu, model_flops, packing_efficiency, peak_tflops
 from .tasks import Task, get_task
 from .tokenize import encode_for_training, encode_prompts
 from .training import (
@@ -259,7 +259,7 @@ class Run:
         self.best_key = eval_config.metric or headline(task)
         given = eval_config.greater_is_better
         self.higher = greater_is_better(self.best_key) if given is None else given
-        self.flops_per_token = flops_per_token(model, cfg.train.seq_len)
+        self.flops = model_flops(model, cfg.train.seq_len)
         self.peak, self.peak_source = 0.0, ""  # measured when training starts
         self._since = time.perf_counter()  # wall_seconds counts from here
         self.packing_report: dict[str, Any] = {}  # the packing self-test's drift and seconds
@@ -293,7 +293,8 @@ class Run:
         self.log_file.write({"event": "start", "step": self.state.optimizer_step, "resumed": resumed,
                              "rows": len(self.rows), "dropped_examples": self.dropped,
                              "packing_efficiency": round(packing_efficiency(self.rows, t.seq_len), 4),
-                             "flops_per_token": self.flops_per_token, "peak_tflops": round(self.peak, 4),
+                             "flops_per_token": self.flops.per_token,
+                             "flops_per_label": self.flops.per_label, "peak_tflops": round(self.peak, 4),
                              "peak_source": self.peak_source, **checked,
                              "processes": self.accelerator.num_processes, "t2tune": __version__})
         from tqdm.auto import tqdm
@@ -373,9 +374,8 @@ class Run:
         self._since = now
         return self.state.wall_seconds
 
-    def mfu(self, tokens: int, seconds: float) -> float:
-        return mfu(tokens / seconds, self.flops_per_token, self.peak, self.accelerator.num_processes) \
-            if seconds and self.peak else 0.0
+    def mfu(self, flops: float, seconds: float) -> float:
+        return mfu(flops, seconds, self.peak, self.accelerator.num_processes)
 
     def summary(self, exported: dict[str, Any], gate: GateReport | None) -> dict[str, Any]:
         """The end-of-run numbers; printed as a few lines on stderr, returned for metrics.jsonl."""
@@ -384,7 +384,7 @@ class Run:
         tps = s.tokens_seen / s.train_seconds if s.train_seconds else 0.0
         numbers = {"tokens_seen": s.tokens_seen, "train_seconds": round(s.train_seconds, 3),
                    "eval_seconds": round(s.eval_seconds, 3), "wall_seconds": round(s.wall_seconds, 3),
-                   "tokens_per_s": round(tps, 1), "mfu": round(self.mfu(s.tokens_seen, s.train_seconds), 5),
+                   "tokens_per_s": round(tps, 1), "mfu": round(self.mfu(s.model_flops, s.train_seconds), 5),
                    "packing_efficiency": round(packing_efficiency(self.rows, t.seq_len), 4),
                    "validation_share": round(s.eval_seconds / wall, 4), "best": s.best,
                    "exported_step": exported.get("step"), "export": str(self.folder.export),
@@ -430,6 +430,7 @@ class Run:
         t = self.cfg.train
         indices = next_global_batch(len(self.rows), self.state, t.global_batch_size, t.seed)
         result = train_step(self.engine, [self.rows[i] for i in indices], t)
+        self.state.model_flops += self.flops.of(result.tokens, result.label_tokens)
         self.diverged = {"loss": result.loss, "grad_norm": result.grad_norm}  # reported if not finite
         return result
 
@@ -437,7 +438,8 @@ class Run:
         lr = self.engine.scheduler.get_last_lr()[0]
         tps = result.tokens / seconds if seconds else 0.0
         self.bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}",
-                             mfu=f"{self.mfu(result.tokens, seconds):.1%}", refresh=False)
+                             mfu=f"{self.mfu(self.flops.of(result.tokens, result.label_tokens), seconds):.1%}",
+                             refresh=False)
         self.bar.update(1)
 
     def log(self, result: StepResult, seconds: float) -> None:
@@ -445,7 +447,7 @@ class Run:
         self.log_file.write({"event": "train", "step": s.optimizer_step, "loss": result.loss,
                              "lr": self.engine.scheduler.get_last_lr()[0],
                              "tokens_per_s": result.tokens / seconds if seconds else 0.0,
-                             "mfu": round(self.mfu(result.tokens, seconds), 5),
+                             "mfu": round(self.mfu(self.flops.of(result.tokens, result.label_tokens), seconds), 5),
                              "grad_norm": result.grad_norm, "epoch": s.epoch, "tokens_seen": s.tokens_seen,
                              "train_seconds": round(s.train_seconds, 3), "wall_seconds": round(self._tick(), 3)})
 

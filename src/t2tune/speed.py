@@ -3,13 +3,16 @@
 MFU = achieved model FLOP/s ÷ the hardware's peak FLOP/s, where the model FLOPs of one trained
 token are (the PaLM paper's accounting, appendix B)::
 
-    6 · N_trained + 4 · N_frozen + 12 · L · d · T
+    6 · N_trained + 4 · N_frozen + 12 · L · d · T      (+ 6 · V · d for each counted label)
 
-- ``N``: parameters that multiply activations: every parameter except the input embedding
-  (a lookup, not a matmul), plus the output layer's ``V · d`` even when it is tied to the
-  embedding. A trained parameter costs 2 FLOPs forward and 4 backward (activation and weight
+- ``N``: the decoder's parameters that multiply activations (not the input embedding, a
+  lookup). A trained parameter costs 2 FLOPs forward and 4 backward (activation and weight
   gradients); a frozen one (LoRA's base weights) 2 forward and 2 backward (activation
   gradients only).
+- The output layer (``V · d``, tied or not) runs only at positions whose label counts
+  (``LossModule``), so it is counted per label token: with ``loss_on: target`` that is a few
+  tokens per example, and counting it for every token would overstate MFU by about a fifth on
+  SmolLM2-135M.
 - ``12 · L · d · T``: attention scores and the weighted sum, forward and backward, for ``L``
   layers of width ``d`` over a context of ``T = train.seq_len`` tokens, without a discount
   for the causal mask (as PaLM counts, so figures compare across tools).
@@ -26,6 +29,7 @@ import json
 import platform
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,32 +38,43 @@ from .files import atomic_file
 from .packing import PackedRow
 
 
-def matmul_parameters(model: Any) -> tuple[int, int]:
-    """(trained, frozen) parameters that multiply activations (see the module docstring)."""
-    trained = frozen = 0
+@dataclass(frozen=True)
+class ModelFlops:
+    """Model FLOPs of training: per real token (the decoder's matmuls and attention) and per
+    token whose label counts (the output layer, which t2tune applies to those alone)."""
+
+    per_token: float
+    per_label: float
+
+    def of(self, tokens: int, labels: int) -> float:
+        return tokens * self.per_token + labels * self.per_label
+
+
+def matmul_parameters(model: Any) -> tuple[int, int, int]:
+    """(trained, frozen) parameters of the decoder that multiply activations, and the output
+    layer's weight (its ``V · d`` even when tied to the embedding, whose lookup is no matmul)."""
     embedding = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    head_weight = head.weight if head is not None else None
+    trained = frozen = 0
     for param in model.parameters():
-        if param is embedding:
+        if param is embedding or param is head_weight:
             continue
         if param.requires_grad:
             trained += param.numel()
         else:
             frozen += param.numel()
-    head = model.get_output_embeddings()
-    if head is not None and head.weight is embedding:  # tied: the output matmul still runs
-        if embedding.requires_grad:
-            trained += embedding.numel()
-        else:
-            frozen += embedding.numel()
-    return trained, frozen
+    return trained, frozen, head_weight.numel() if head_weight is not None else 0
 
 
-def flops_per_token(model: Any, seq_len: int) -> float:
-    """Model FLOPs of one trained token (forward and backward)."""
-    trained, frozen = matmul_parameters(model)
+def model_flops(model: Any, seq_len: int) -> ModelFlops:
+    """The model FLOPs of one trained token and of one counted label (forward and backward)."""
+    trained, frozen, head = matmul_parameters(model)
     config = model.config
     layers, width = config.num_hidden_layers, config.hidden_size
-    return 6.0 * trained + 4.0 * frozen + 12.0 * layers * width * seq_len
+    head_trained = any(p.requires_grad for p in model.get_output_embeddings().parameters()) if head else False
+    return ModelFlops(6.0 * trained + 4.0 * frozen + 12.0 * layers * width * seq_len,
+                      (6.0 if head_trained else 4.0) * head)
 
 
 def packing_efficiency(rows: Sequence[PackedRow], seq_len: int) -> float:
@@ -67,9 +82,9 @@ def packing_efficiency(rows: Sequence[PackedRow], seq_len: int) -> float:
     return sum(row.real for row in rows) / (len(rows) * seq_len) if rows else 0.0
 
 
-def mfu(tokens_per_s: float, per_token: float, peak_tflops: float, processes: int = 1) -> float:
-    """The fraction of ``processes`` devices' peak that ``tokens_per_s`` trained tokens achieve."""
-    return tokens_per_s * per_token / (peak_tflops * 1e12 * processes)
+def mfu(flops: float, seconds: float, peak_tflops: float, processes: int = 1) -> float:
+    """The fraction of ``processes`` devices' peak that ``flops`` model FLOPs in ``seconds`` achieve."""
+    return flops / seconds / (peak_tflops * 1e12 * processes) if seconds and peak_tflops else 0.0
 
 
 def _machine(device: torch.device, dtype: torch.dtype) -> str:

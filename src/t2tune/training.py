@@ -33,6 +33,7 @@ class TrainState:
     epoch: int = 0  # data epochs started
     row_in_epoch: int = 0  # next row (in this epoch's shuffled order)
     tokens_seen: int = 0  # real (non-padding) input tokens trained on
+    model_flops: float = 0.0  # their model FLOPs (speed.py), for MFU
     train_seconds: float = 0.0  # the optimizer steps' time (the time budget's clock)
     eval_seconds: float = 0.0  # validation's time
     wall_seconds: float = 0.0  # everything from the first step on (model loading excluded)
@@ -150,6 +151,7 @@ class StepResult:
     loss: float
     tokens: int  # real input tokens of the global batch
     grad_norm: float | None
+    label_tokens: int = 0  # tokens whose label counted in the loss
 
 
 @dataclass
@@ -196,7 +198,7 @@ def train_step(engine: Engine, batch: Sequence[PackedRow], cfg: TrainConfig) -> 
     engine.scheduler.step()
     engine.optimizer.zero_grad(set_to_none=True)
     total = acc.reduce(loss_sum, reduction="sum").item()
-    return StepResult(total / label_tokens, int(counts[1].item()), grad_norm)
+    return StepResult(total / label_tokens, int(counts[1].item()), grad_norm, int(counts[0].item()))
 
 
 @dataclass(frozen=True)
