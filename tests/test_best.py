@@ -73,5 +73,6 @@ def test_export_from_last_and_a_lower_is_better_metric(tmp_path, mnli_dir):
 
 
 def test_unknown_eval_metric_is_one_line(tmp_path, mnli_dir):
-    with pytest.raises(ConfigError, match="eval.metric: 'f1' is not reported for task mnli in generate mode"):
+    with pytest.raises(ConfigError, match=r"eval.metric: 'f1' is not reported by this run's validation "
+                                          r"\(mnli in generate mode\)"):
         train(tiny_config(tmp_path / "run", mnli_dir, **{"eval.metric": "f1"}))

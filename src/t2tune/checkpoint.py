@@ -343,7 +343,8 @@ def read_checkpoint(step: StepFolder) -> tuple[dict[str, Any], dict[str, Any], d
 
 
 _STATE_TYPES = {"optimizer_step": int, "epoch": int, "row_in_epoch": int, "tokens_seen": int,
-                "train_seconds": (int, float), "eval_seconds": (int, float), "wall_seconds": (int, float), "model_flops": (int, float),
+                "train_seconds": (int, float), "eval_seconds": (int, float), "wall_seconds": (int, float),
+                "model_flops": (int, float),
                 "best": dict, "last_eval": dict, "stale": int}
 
 

@@ -116,6 +116,29 @@ class EvalConfig:
 
 
 @dataclass
+class TaskEntry:
+    """One task of a mixture (``tasks.<name>``); its data keys are those of ``data``."""
+
+    task: str | None = None  # built-in task name or task YAML; null: the entry's own name
+    train: str | None = None  # file, folder or hub dataset id; null: the task's hub dataset
+    validation: str | None = None  # null: the training source
+    hub_config: str | None = None
+    train_split: str = "train"
+    validation_split: str = "validation"
+    weight: float | None = None  # its mixing weight under mix.rule: weights (null: 1)
+    mode: str | None = None  # its validation mode; null: eval.mode (generate for free-text tasks)
+
+
+@dataclass
+class MixConfig:
+    # how a multi-task run mixes its tasks (see mixture.py): proportional (rate ∝ min(n, cap)),
+    # temperature (rate ∝ min(n, cap) ^ (1 / temperature)), weights (rate ∝ tasks.<name>.weight)
+    rule: str = "proportional"
+    cap: int | None = None  # K: examples counted per task at most; also bounds its share of an epoch
+    temperature: float = 1.0
+
+
+@dataclass
 class ExportConfig:
     # the weights exported to hf/: best (the best validated step; the last when no validation
     # ran) | last; `from` in YAML and overrides (export.from=last)
@@ -140,6 +163,9 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    # a multi-task run: task name → its data (then `task` and `data.*` are not used); empty: one task
+    tasks: dict[str, TaskEntry] = field(default_factory=dict)
+    mix: MixConfig = field(default_factory=MixConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """The config as YAML spells it (``from_`` is ``from``)."""
@@ -168,6 +194,7 @@ CHOICES = {
     "eval.mode": {"generate", "score"},
     "checkpoint.format": {"auto", "hf", "accelerate"},
     "export.from": {"best", "last"},
+    "mix.rule": {"proportional", "temperature", "weights"},
 }
 TRACKERS = ("tensorboard", "trackio", "wandb", "mlflow")
 # The allowed range of every numeric key (null, where a key allows it, is always allowed).
@@ -185,6 +212,7 @@ RANGES = {
     "checkpoint.every": _NONNEG, "checkpoint.keep": _POS,
     "eval.every": _NONNEG, "eval.max_new_tokens": _POS, "eval.batch_size": _POS, "eval.seq_len": _POS,
     "eval.limit": _POS, "eval.patience": _NONNEG, "train.peak_tflops": _POS,
+    "mix.cap": _POS, "mix.temperature": _POS,
 }
 MAX_CONFIG_BYTES = 1 << 20  # configs and task files are a few hundred bytes; this bounds a YAML bomb
 # Keys that may change when a run resumes: they do not alter what was already trained (out_dir:
@@ -279,6 +307,9 @@ def build_config(values: dict[str, Any]) -> RunConfig:
     sections = {f.name: f for f in dataclasses.fields(RunConfig)}
     for key, value in values.items():
         head, _, rest = key.partition(".")
+        if head == "tasks" and rest:
+            errors.extend(_set_task_entry(cfg, rest, value))
+            continue
         if head not in sections:
             errors.append(f"{key}: unknown key")
             continue
@@ -318,6 +349,40 @@ def build_config(values: dict[str, Any]) -> RunConfig:
         raise ConfigError("invalid config: " + shown)
     cfg.out_dir = str(Path(cfg.out_dir).expanduser()) if cfg.out_dir else cfg.out_dir
     return cfg
+
+
+def _set_task_entry(cfg: RunConfig, rest: str, value: Any) -> list[str]:
+    """``tasks.<name>`` (a mapping of entry keys, or null) or ``tasks.<name>.<key>``; returns
+    the problems, each naming the task and the key."""
+    name, _, key = rest.partition(".")
+    if not name.strip():
+        return [f"tasks.{rest}: a task entry needs a name"]
+    if key:
+        value = {key: value}
+    elif value is None:
+        value = {}
+    elif not isinstance(value, dict):
+        return [f"tasks.{name}: expected a mapping of keys (train, validation, weight, ...), got {short(value)}"]
+    entry = cfg.tasks.setdefault(name, TaskEntry())
+    hints = typing.get_type_hints(TaskEntry)
+    errors = []
+    for field_name, field_value in value.items():
+        where = f"tasks.{name}.{field_name}"
+        if field_name not in hints:
+            errors.append(f"{where}: unknown key (known: {', '.join(sorted(hints))})")
+            continue
+        field_value = _coerce(field_value, hints[field_name])
+        if not _type_ok(field_value, hints[field_name]):
+            errors.append(f"{where}: expected {_type_name(hints[field_name])}, got {short(field_value)}")
+        elif field_name == "weight" and field_value is not None and not (
+                math.isfinite(field_value) and field_value > 0):
+            errors.append(f"{where}: must be a finite number > 0, got {short(field_value)}")
+        elif field_name == "mode" and field_value is not None and field_value not in CHOICES["eval.mode"]:
+            modes = ", ".join(sorted(CHOICES["eval.mode"]))
+            errors.append(f"{where}: must be one of {modes}, got {short(field_value)}")
+        else:
+            setattr(entry, field_name, field_value)
+    return errors
 
 
 def get_key(cfg: RunConfig, key: str) -> Any:
@@ -365,6 +430,14 @@ def _check_values(cfg: RunConfig) -> list[str]:
         errors.append(f"train.betas: must be two numbers in [0, 1), got {short(t.betas)}")
     if not cfg.out_dir:
         errors.append("out_dir: must not be empty")
+    if cfg.tasks:
+        for key in ("data.train", "data.validation"):
+            if get_key(cfg, key) is not None:
+                errors.append(f"{key}: a multi-task run takes its data from tasks.<name>.{key.split('.')[1]}")
+        weighted = [name for name, entry in cfg.tasks.items() if entry.weight is not None]
+        if weighted and cfg.mix.rule != "weights":
+            errors.append(f"tasks.{weighted[0]}.weight: weights apply under mix.rule: weights "
+                          f"(it is {cfg.mix.rule})")
     unknown = [name for name in cfg.log.to if name not in TRACKERS]
     if unknown:
         errors.append(f"log.to: {short(unknown[0])} is not a tracker t2tune knows; choose from {', '.join(TRACKERS)}")
@@ -426,6 +499,8 @@ def dump_config(cfg: RunConfig) -> str:
 
 
 def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Dotted keys whose values differ between two config dicts."""
+    """Dotted keys whose values differ between two config dicts. A key the old config lacks
+    (written by an older t2tune) is the same when the new one holds its default."""
     a, b = _flatten(old), _flatten(new)
-    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    defaults = _flatten(RunConfig().to_dict())
+    return sorted(k for k in set(a) | set(b) if a.get(k, defaults.get(k) if k not in a else None) != b.get(k))

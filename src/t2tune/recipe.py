@@ -40,7 +40,7 @@ import torch
 
 from . import __version__
 from .checkpoint import RunFolder, export, load_weights, read_checkpoint, set_rng_state, write_checkpoint
-from .config import EvalConfig, RunConfig, batch_size_problem, dump_config
+from .config import DataConfig, EvalConfig, RunConfig, batch_size_problem, dump_config
 from .data import load_examples, with_hub_defaults
 from .engines import cpu_only, fill_deepspeed_config, is_sharded, process_state
 from .errors import ConfigError, UserError, say
@@ -49,6 +49,7 @@ from .files import atomic_file
 from .guards import GateReport, check_packing, gate_export, last_token_logits
 from .loss import LossModule
 from .metrics import greater_is_better, headline, metric_names
+from .mixture import EpochRows, epoch_counts, epoch_size, mixing_rates
 from .models import check_model_name, check_qlora_available, load_model, prepare_for_training
 from .packing import PackedRow, pack
 from .report import MetricsLog, Trackers, check_trackers, model_card, read_events, refresh_plots, tracker_settings
@@ -63,7 +64,7 @@ from .training import (
     TrainState,
     make_optimizer,
     make_scheduler,
-    next_global_batch,
+    next_positions,
     train_step,
 )
 
@@ -94,19 +95,29 @@ def prepare(cfg: RunConfig, *, overwrite: bool = False, task: Task | None = None
     """Wire every stage of a run. Anything not given (task, data, model) comes from ``cfg``;
     ``metric(predictions, references) -> dict`` and ``postprocess(text) -> answer`` replace the
     task's own; ``overwrite`` moves an incompatible previous run in ``out_dir`` aside."""
-    task = task or get_task(cfg.task)
+    eval_config = eval_config or cfg.eval
+    if cfg.tasks and (task is not None or train_rows is not None):
+        raise UserError("tasks: a multi-task run reads its tasks and data from the config; pass neither task= "
+                        "nor train_rows=")
+    if cfg.tasks:
+        members = _members(cfg, eval_config)
+    else:
+        task = task or get_task(cfg.task)
+        members = [Member(task.name, task, eval_config)]
     if postprocess is not None:
-        task = dataclasses.replace(task, custom_postprocess=postprocess)
+        for member in members:
+            member.task = dataclasses.replace(member.task, custom_postprocess=postprocess)
     if model is None:
         check_model_name(cfg.model.name)
     if cfg.train.method == "qlora":
         check_qlora_available()
     check_trackers(cfg.log.to)
     if metric is None and cfg.eval.metric is not None:
-        known = metric_names(task, (eval_config or cfg.eval).mode)
+        known = _metric_names(members)
         if cfg.eval.metric not in known:
-            raise ConfigError(f"eval.metric: {cfg.eval.metric!r} is not reported for task {task.name} in "
-                              f"{(eval_config or cfg.eval).mode} mode; choose from {', '.join(known)}")
+            raise ConfigError(f"eval.metric: {cfg.eval.metric!r} is not reported by this run's validation "
+                              f"({', '.join(m.name + ' in ' + m.eval_config.mode + ' mode' for m in members)}); "
+                              f"choose from {', '.join(known)}")
     if accelerator is not None and cfg.log.to:
         raise ConfigError("log.to: an accelerator passed in brings its own trackers (Accelerator(log_with=...)); "
                           "leave log.to empty")
@@ -114,8 +125,11 @@ def prepare(cfg: RunConfig, *, overwrite: bool = False, task: Task | None = None
     folder = RunFolder(Path(cfg.out_dir))
     lock = _claim(folder, cfg, overwrite, process)
     if train_rows is None:
-        train_rows, loaded_eval = _load_data(cfg, task)
-        eval_rows = loaded_eval if eval_rows is None else eval_rows
+        for member, entry in zip(members, cfg.tasks.values() if cfg.tasks else [cfg.data]):
+            member.train_rows, loaded_eval = _load_data(entry, member, cfg.eval.limit)
+            member.eval_rows = loaded_eval if eval_rows is None else list(eval_rows)
+    else:
+        members[0].train_rows, members[0].eval_rows = list(train_rows), list(eval_rows or [])
     if model is None:
         loaded = load_model(cfg.model)
         model, tokenizer = loaded.model, loaded.tokenizer
@@ -141,22 +155,86 @@ def prepare(cfg: RunConfig, *, overwrite: bool = False, task: Task | None = None
                           f"per step; train.global_batch_size / (train.micro_batch_size × processes) = {accumulation}")
     set_seed(t.seed)  # before LoRA's adapters are initialised
     model = prepare_for_training(model, t, cfg.lora, base_name or cfg.model.name)
-    examples, dropped = encode_for_training(task, train_rows, tokenizer, t.seq_len, t.truncate)
-    if dropped and accelerator.is_main_process:
-        say(f"{dropped} training examples dropped: truncating '{task.truncate_field}' to fit "
-              "train.seq_len would cut their answer")
-    rows = pack(examples, t.packing, t.seq_len, t.loss_on, tokenizer.pad_token_id)
+    encoded, dropped = [], 0
+    for member in members:
+        examples, lost = encode_for_training(member.task, member.train_rows, tokenizer, t.seq_len, t.truncate)
+        if lost and accelerator.is_main_process:
+            say(f"{member.name}: {lost} training examples dropped: truncating '{member.task.truncate_field}' to "
+                "fit train.seq_len would cut their answer")
+        encoded.append(examples)
+        dropped += lost
+        if not member.task.is_label_task:  # what eval.max_new_tokens: auto measures
+            member.targets = [member.task.target_text(row) for row in member.train_rows]
+
+    def packed(examples: list) -> list[PackedRow]:
+        return pack(examples, t.packing, t.seq_len, t.loss_on, tokenizer.pad_token_id)
+
+    mix: dict[str, Any] = {}
+    if len(members) == 1:
+        rows = packed(encoded[0])
+        rows_of: Callable[[int], list[PackedRow]] = lambda epoch: rows  # noqa: E731
+    else:
+        mix = _mix(cfg, members, encoded)
+        rows_of = EpochRows(encoded, [mix[m.name]["per_epoch"] for m in members], t.seed, packed).rows
     loss_module = LossModule(model)
     # together: DeepSpeed builds its engine around the model and the optimizer at once
     loss_module, optimizer = accelerator.prepare(loss_module, make_optimizer(loss_module, t))
     engine = Engine(accelerator, loss_module, optimizer, None, tokenizer.pad_token_id)
-    run = Run(cfg, folder, task, model, tokenizer, engine, rows, dropped, list(eval_rows or []),
-              eval_config or cfg.eval, metric, base_name or cfg.model.name)
+    run = Run(cfg, folder, members, model, tokenizer, engine, rows_of, dropped, eval_config, metric,
+              base_name or cfg.model.name)
+    run.mix = mix
     engine.scheduler = make_scheduler(optimizer, t, run.budget_spent if t.steps == "auto" else None)
     run.lock = lock
-    if not task.is_label_task:  # what eval.max_new_tokens: auto measures
-        run.length_targets = [task.target_text(row) for row in train_rows]
     return run
+
+
+@dataclass
+class Member:
+    """One task of the run (a single-task run has one): its data and how it is validated."""
+
+    name: str
+    task: Task
+    eval_config: EvalConfig
+    train_rows: list[Row] = dataclasses.field(default_factory=list)
+    eval_rows: list[Row] = dataclasses.field(default_factory=list)
+    targets: list[str] | None = None  # a free-text task's training targets (eval.max_new_tokens: auto)
+
+
+def _members(cfg: RunConfig, eval_config: EvalConfig) -> list[Member]:
+    """The tasks of a multi-task run; a task that cannot be found is one line naming its entry.
+    Each validates in its own mode: ``tasks.<name>.mode``, else eval.mode (generate for free text)."""
+    members = []
+    for name, entry in cfg.tasks.items():
+        try:
+            task = get_task(entry.task or name)
+        except UserError as exc:
+            raise UserError(f"tasks.{name}{'.task' if entry.task else ''}: {exc}") from None
+        mode = entry.mode or (eval_config.mode if task.is_label_task else "generate")
+        if mode == "score" and not task.is_label_task:
+            raise ConfigError(f"tasks.{name}.mode: score mode needs a label task; {task.name} has free-text answers")
+        members.append(Member(name, task, dataclasses.replace(eval_config, mode=mode)))
+    return members
+
+
+def _metric_names(members: list[Member]) -> list[str]:
+    """What ``eval.metric`` may name: a task's own metrics, or in a mixture ``<task>/<metric>``
+    and ``mean`` (the unweighted mean of the tasks' headlines)."""
+    if len(members) == 1:
+        return metric_names(members[0].task, members[0].eval_config.mode)
+    return [f"{m.name}/{key}" for m in members for key in metric_names(m.task, m.eval_config.mode)] + ["mean"]
+
+
+def _mix(cfg: RunConfig, members: list[Member], encoded: list[list]) -> dict[str, dict[str, Any]]:
+    """Per task: training examples, mixing rate and examples per epoch (``mixture.py``)."""
+    sizes = {m.name: len(examples) for m, examples in zip(members, encoded)}
+    empty = [name for name, n in sizes.items() if not n]
+    if empty:
+        raise UserError(f"tasks.{empty[0]}: no training examples")
+    weights = {name: entry.weight or 1.0 for name, entry in cfg.tasks.items()}
+    rates = mixing_rates(sizes, cfg.mix.rule, cfg.mix.cap, cfg.mix.temperature, weights)
+    counts = epoch_counts(rates, epoch_size(sizes, cfg.mix.cap))
+    return {name: {"examples": sizes[name], "rate": round(rates[name], 6), "per_epoch": counts[name]}
+            for name in sizes}
 
 
 def _claim(folder: RunFolder, cfg: RunConfig, overwrite: bool, process: Any) -> Any:
@@ -179,16 +257,19 @@ def _claim(folder: RunFolder, cfg: RunConfig, overwrite: bool, process: Any) -> 
     return lock
 
 
-def _load_data(cfg: RunConfig, task: Task) -> tuple[list[Row], list[Row]]:
-    """Training and validation rows per ``data.*``; a task's hub dataset is the default source."""
-    train_src = cfg.data.train or (task.hub[0] if task.hub else None)
+def _load_data(data: Any, member: Member, limit: int | None) -> tuple[list[Row], list[Row]]:
+    """Training and validation rows per ``data`` (``data.*``, or a mixture's ``tasks.<name>``);
+    a task's hub dataset is the default source."""
+    task = member.task
+    key = "data" if isinstance(data, DataConfig) else f"tasks.{member.name}"
+    train_src = data.train or (task.hub[0] if task.hub else None)
     if train_src is None:
-        raise UserError(f"data.train: no training data given and task {task.name} has no hub default")
-    val_src = cfg.data.validation or train_src
-    split, hub_config = with_hub_defaults(task, train_src, cfg.data.train_split, cfg.data.hub_config)
+        raise UserError(f"{key}.train: no training data given and task {task.name} has no hub default")
+    val_src = data.validation or train_src
+    split, hub_config = with_hub_defaults(task, train_src, data.train_split, data.hub_config)
     rows = load_examples(task, train_src, split, hub_config)
-    split, hub_config = with_hub_defaults(task, val_src, cfg.data.validation_split, cfg.data.hub_config)
-    return rows, load_examples(task, val_src, split, hub_config, limit=cfg.eval.limit)
+    split, hub_config = with_hub_defaults(task, val_src, data.validation_split, data.hub_config)
+    return rows, load_examples(task, val_src, split, hub_config, limit=limit)
 
 
 class Session(Protocol):
@@ -237,12 +318,14 @@ def fit(run: Session, state: TrainState, schedule: Schedule, stop: StopRequest) 
 class Run:
     """One wired training run: its parts, and the verbs the loop calls."""
 
-    def __init__(self, cfg: RunConfig, folder: RunFolder, task: Task, model: Any, tokenizer: Any, engine: Engine,
-                 rows: list[PackedRow], dropped: int, eval_rows: list[Row], eval_config: EvalConfig,
+    def __init__(self, cfg: RunConfig, folder: RunFolder, members: list[Member], model: Any, tokenizer: Any,
+                 engine: Engine, rows_of: Callable[[int], list[PackedRow]], dropped: int, eval_config: EvalConfig,
                  metric: Callable | None, base_name: str):
-        self.cfg, self.folder, self.task, self.model, self.tokenizer = cfg, folder, task, model, tokenizer
-        self.engine, self.rows, self.dropped = engine, rows, dropped
-        self.eval_rows, self.eval_config, self.metric, self.base_name = eval_rows, eval_config, metric, base_name
+        self.cfg, self.folder, self.members, self.model, self.tokenizer = cfg, folder, members, model, tokenizer
+        self.task, self.eval_rows = members[0].task, members[0].eval_rows  # the first task: card, gate prompts
+        self.engine, self.rows_of, self.rows, self.dropped = engine, rows_of, rows_of(0), dropped
+        self.eval_config, self.metric, self.base_name = eval_config, metric, base_name
+        self.mix: dict[str, Any] = {}  # a mixture's examples, rate and examples per epoch, per task
         self.accelerator = engine.accelerator
         self.main = self.accelerator.is_main_process
         self.state = TrainState()
@@ -250,13 +333,12 @@ class Run:
         self.log_file = MetricsLog(folder.metrics, self.main, self.trackers)
         self.bar: Any = None
         self.lock: Any = None  # the out_dir lock (main process), released when train() ends
-        self.length_targets: list[str] | None = None  # training targets of a free-text task
         self.diverged: dict[str, Any] = {}
-        every = eval_config.every if eval_rows else 0
+        every = eval_config.every if any(m.eval_rows for m in members) else 0
         steps = sys.maxsize if cfg.train.steps == "auto" else cfg.train.steps  # auto: the budget stops it
         self.schedule = Schedule(steps, cfg.train.log_every, every, cfg.checkpoint.every, eval_config.patience)
         # what "best" means: eval.metric (default: the task's headline), higher or lower better
-        self.best_key = eval_config.metric or headline(task)
+        self.best_key = eval_config.metric or (headline(self.task) if len(members) == 1 else "mean")
         given = eval_config.greater_is_better
         self.higher = greater_is_better(self.best_key) if given is None else given
         self.flops = model_flops(model, cfg.train.seq_len)
@@ -295,7 +377,7 @@ class Run:
                              "packing_efficiency": round(packing_efficiency(self.rows, t.seq_len), 4),
                              "flops_per_token": self.flops.per_token,
                              "flops_per_label": self.flops.per_label, "peak_tflops": round(self.peak, 4),
-                             "peak_source": self.peak_source, **checked,
+                             "peak_source": self.peak_source, **checked, **({"mix": self.mix} if self.mix else {}),
                              "processes": self.accelerator.num_processes, "t2tune": __version__})
         from tqdm.auto import tqdm
 
@@ -314,7 +396,7 @@ class Run:
             self.log_file.write({"event": "diverged", "step": self.state.optimizer_step + 1, **self.diverged})
             return RunResult(self.state, stopped, None, self.last_eval, None, self.main)
         step = self.state.optimizer_step
-        if self.eval_rows and self.last_eval.get("step") != step:
+        if any(m.eval_rows for m in self.members) and self.last_eval.get("step") != step:
             self.validate()
         if step in [n for n, _ in self.folder.checkpoints()]:
             weights = self._full_weights()
@@ -428,8 +510,8 @@ class Run:
 
     def step(self) -> StepResult:
         t = self.cfg.train
-        indices = next_global_batch(len(self.rows), self.state, t.global_batch_size, t.seed)
-        result = train_step(self.engine, [self.rows[i] for i in indices], t)
+        positions = next_positions(lambda epoch: len(self.rows_of(epoch)), self.state, t.global_batch_size, t.seed)
+        result = train_step(self.engine, [self.rows_of(epoch)[i] for epoch, i in positions], t)
         self.state.model_flops += self.flops.of(result.tokens, result.label_tokens)
         self.diverged = {"loss": result.loss, "grad_norm": result.grad_norm}  # reported if not finite
         return result
@@ -455,10 +537,10 @@ class Run:
         """Validate on every process (each runs its share); the main process records the best
         step, logs and plots. Returns whether this step is a new best (on every process)."""
         start = time.perf_counter()
-        result = self.evaluate()
+        results = [(m, self.evaluate(member=m)) for m in self.members if m.eval_rows]
         improved = False
         if self.main:
-            summary = result.summary(self.task, self.eval_config.mode)
+            summary, metrics = self._combined(results)
             s, key = self.state, self.best_key
             if key not in summary:
                 raise ConfigError(f"eval.metric: the validation reports no {key!r}; it reports "
@@ -472,15 +554,37 @@ class Run:
             share = s.eval_seconds / max(self._tick(), 1e-9)
             self.log_file.write({"event": "eval", "step": step, **summary, "best_step": s.best["step"],
                                  "train_seconds": round(s.train_seconds, 3), "eval_seconds": round(s.eval_seconds, 3),
-                                 "validation_share": round(share, 4), "metrics": result.metrics})
-            if self.bar is not None:
-                self.bar.write(f"step {step}: {key} {value:.4f} (best {s.best[key]:.4f} at step {s.best['step']}), "
-                               f"{summary['examples_per_s']} examples/s")
-            refresh_plots(self.folder.plots, read_events(self.folder.metrics), result.metrics)
+                                 "validation_share": round(share, 4), "metrics": metrics})
+            if self.bar is not None:  # a mixture's line leads with every task's headline
+                heads = "".join(f"{name} {summary[name]:.4f}, " for name in summary.get("headlines", []))
+                self.bar.write(f"step {step}: {heads}{key} {value:.4f} (best {s.best[key]:.4f} at step "
+                               f"{s.best['step']}), {summary['examples_per_s']} examples/s")
+            by_task = {"": metrics} if len(self.members) == 1 else {f"{name}-": m for name, m in metrics.items()}
+            refresh_plots(self.folder.plots, read_events(self.folder.metrics), by_task)
             if self.trackers is not None:
-                for name in ("confusion", "reliability"):
-                    self.trackers.image(f"eval/{name}", self.folder.plots / f"{name}.png", step)
+                for prefix in by_task:
+                    for name in ("confusion", "reliability"):
+                        self.trackers.image(f"eval/{prefix.replace('-', '/')}{name}",
+                                            self.folder.plots / f"{prefix}{name}.png", step)
         return self._agreed(improved)
+
+    def _combined(self, results: list[tuple[Member, EvalResult]]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The validation's summary line and metrics: one task's own, or for a mixture every
+        task's numbers as ``<task>/<metric>``, their headlines' unweighted ``mean``, and each
+        task's summary and metrics under its name."""
+        if len(self.members) == 1:
+            (member, result), = results
+            return result.summary(member.task, member.eval_config.mode), result.metrics
+        per = {m.name: r.summary(m.task, m.eval_config.mode) for m, r in results}
+        flat = {f"{m.name}/{key}": per[m.name][key] for m, _ in results
+                for key in metric_names(m.task, m.eval_config.mode) if key in per[m.name]}
+        heads = [per[m.name][headline(m.task)] for m, _ in results]
+        seconds = sum(r.seconds for _, r in results)
+        n = sum(len(r.records) for _, r in results)
+        summary = {**flat, "mean": sum(heads) / len(heads), "n": n,
+                   "examples_per_s": round(n / seconds, 3) if seconds else None,
+                   "headlines": [f"{m.name}/{headline(m.task)}" for m, _ in results], "tasks": per}
+        return summary, {m.name: r.metrics for m, r in results}
 
     def _agreed(self, flag: bool) -> bool:
         """The main process's ``flag`` (and the state it decided with) on every process."""
@@ -575,15 +679,17 @@ class Run:
         return (f"Exported weights: step {step} of {self.state.optimizer_step}, the best validation {key} "
                 f"({self.state.best[key]:.4f}; export.from: best).")
 
-    def evaluate(self, limit: int | None = None) -> EvalResult:
-        """Validate on the eval rows with the eval config; metrics via ``metric`` when given."""
-        ec = self.eval_config
-        rows = self.eval_rows[: (limit or ec.limit or len(self.eval_rows))]
-        result = evaluate(self.model, self.tokenizer, self.task, rows, ec, with_metrics=self.metric is None,
-                          processes=self.accelerator, targets=self.length_targets)
+    def evaluate(self, limit: int | None = None, member: Member | None = None) -> EvalResult:
+        """Validate a task (default: the first) on its eval rows with its eval config; metrics via
+        ``metric`` when given."""
+        m = member or self.members[0]
+        ec = m.eval_config
+        rows = m.eval_rows[: (limit or ec.limit or len(m.eval_rows))]
+        result = evaluate(self.model, self.tokenizer, m.task, rows, ec, with_metrics=self.metric is None,
+                          processes=self.accelerator, targets=m.targets)
         if self.metric is not None and self.main:
             result.metrics = dict(self.metric([r["prediction"] for r in result.records],
-                                              [self.task.references(r) for r in rows]))
+                                              [m.task.references(r) for r in rows]))
         return result
 
     def export(self, path: Path, merge: bool = True, weights: dict[str, Any] | None = None,
@@ -597,7 +703,8 @@ class Run:
 
         def card(report: GateReport | None) -> str:
             reports[0] = report
-            return model_card(self.cfg, self.task, self.base_name, self.state, shown, self._why(shown), report)
+            return model_card(self.cfg, [m.task for m in self.members], self.base_name, self.state, shown,
+                              self._why(shown), report)
         try:
             export(self.model, self.tokenizer, path, merge=merge, card=card, weights=weights, check=check)
             return reports[0]

@@ -166,10 +166,16 @@ def plot_training(events: list[dict[str, Any]], folder: Path) -> None:
         fig.savefig(folder / "loss_lr.png", dpi=100)
         plt.close(fig)
     if evals:
-        key = "accuracy" if "accuracy" in evals[0] else "f1"
+        # one task: its headline; a mixture: every task's headline and their mean
+        keys = evals[0].get("headlines", []) + ["mean"] if "mean" in evals[0] else \
+            ["accuracy" if "accuracy" in evals[0] else "f1"]
         fig, ax = plt.subplots(figsize=(5, 3.5))
-        ax.plot([e["step"] for e in evals], [e.get(key, 0) for e in evals], marker="o")
-        ax.set(xlabel="optimizer step", ylabel=f"validation {key}", title=f"validation {key}")
+        for key in keys:
+            ax.plot([e["step"] for e in evals], [e.get(key, 0) for e in evals], marker="o", label=key)
+        if len(keys) > 1:
+            ax.legend()
+        label = keys[0] if len(keys) == 1 else "headline metrics"
+        ax.set(xlabel="optimizer step", ylabel=f"validation {label}", title=f"validation {label}")
         fig.tight_layout()
         fig.savefig(folder / "validation.png", dpi=100)
         plt.close(fig)
@@ -216,59 +222,33 @@ def plot_reliability(metrics: dict[str, Any], path: Path) -> bool:
     return True
 
 
-def plot_metrics(metrics: dict[str, Any], folder: Path) -> None:
+def plot_metrics(metrics: dict[str, Any], folder: Path, prefix: str = "") -> None:
     """The plots of one validation: confusion matrix, and the reliability diagram (score mode)."""
-    plot_confusion(metrics, folder / "confusion.png")
-    plot_reliability(metrics, folder / "reliability.png")
+    plot_confusion(metrics, folder / f"{prefix}confusion.png")
+    plot_reliability(metrics, folder / f"{prefix}reliability.png")
 
 
-def refresh_plots(folder: Path, events: list[dict[str, Any]], metrics: dict[str, Any] | None = None) -> None:
-    """Redraw the run's plots; a failure (no matplotlib, a full disk) is reported on stderr and
-    does not stop training: the numbers stay in ``metrics.jsonl``."""
+def refresh_plots(folder: Path, events: list[dict[str, Any]],
+                  by_task: dict[str, dict[str, Any]] | None = None) -> None:
+    """Redraw the run's plots, and each task's validation plots (``by_task``: file prefix →
+    metrics; "" for a single task). A failure (no matplotlib, a full disk) is reported on stderr
+    and does not stop training: the numbers stay in ``metrics.jsonl``."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         plot_training(events, folder)
-        if metrics:
-            plot_metrics(metrics, folder)
+        for prefix, metrics in (by_task or {}).items():
+            plot_metrics(metrics, folder, prefix)
     except (ImportError, OSError, ValueError, RuntimeError) as exc:
         say(f"warning: plots in {folder} not updated ({type(exc).__name__}: {exc})")
 
 
 # --- model card ------------------------------------------------------------------------------
 
-def model_card(cfg: Any, task: Task, base_name: str, state: Any, last_eval: dict[str, Any],
-               exported: str | None = None, gate: Any = None) -> str:
-    """The README.md of an export: prompt format, training config, validation numbers (of the
-    exported step), which step was exported and why (``exported``), and the export gate's
-    verdict (``gate``, a :class:`t2tune.guards.GateReport`), with a metadata block the Hub reads
-    (``huggingface_hub.ModelCardData``)."""
+def _prompt_section(task: Task) -> str:
+    """How to prompt a task: a training example and the inference prompt."""
     fields = {name: f"<{name}>" for name in task.input_fields + task.target_fields}
-    prompt = task.prompt_text(fields)
-    checks = "".join(f"{line}\n\n" for line in (exported, gate.line() if gate is not None else None) if line)
-    if last_eval:
-        shown = {k: v for k, v in last_eval.items() if isinstance(v, (int, float, str)) and v is not None}
-        source = f"{cfg.data.validation or cfg.data.train} (split {cfg.data.validation_split})"
-        metrics = (f"Measured at optimizer step {last_eval.get('step')} on {shown.get('n')} rows of {source}, "
-                   f"{shown.get('mode')} mode:\n\n"
-                   + "\n".join(f"| {k} | {v} |" for k, v in shown.items() if k not in ("task", "mode", "step"))
-                   + "\n")
-        metrics = "| metric | value |\n|---|---|\n" + metrics
-    else:
-        metrics = "No validation was run for this export.\n"
-    data = ModelCardData(library_name="transformers", base_model=base_name,
-                         tags=["t2tune", "text2text", task.name], pipeline_tag="text-generation")
-    return str(ModelCard(f"""---
-{data.to_yaml()}
----
-
-# {task.name} fine-tune of {base_name}
-
-Fine-tuned with t2tune {__version__} as a text-to-text task: the model reads the prompt and
-generates the answer followed by its end-of-text token.
-
-## Prompt format
-
-Training example (`<EOS>` is the tokenizer's end-of-text token):
+    answers = f"Answers are one of: {', '.join(task.labels)}." if task.labels else "Answers are free text."
+    return f"""Training example (`<EOS>` is the tokenizer's end-of-text token):
 
 ```
 {task.train_text(fields, eos="<EOS>")}
@@ -277,14 +257,55 @@ Training example (`<EOS>` is the tokenizer's end-of-text token):
 At inference, give the prompt up to and including `target:` and decode greedily:
 
 ```
-{prompt}
+{task.prompt_text(fields)}
 ```
-{f"Answers are one of: {', '.join(task.labels)}." if task.labels else "Answers are free text."}
+{answers}
+"""
 
+
+def model_card(cfg: Any, task: Task | list[Task], base_name: str, state: Any, last_eval: dict[str, Any],
+               exported: str | None = None, gate: Any = None) -> str:
+    """The README.md of an export: prompt format (of each task of a mixture), training config,
+    validation numbers (of the exported step), which step was exported and why (``exported``),
+    and the export gate's verdict (``gate``, a :class:`t2tune.guards.GateReport`), with a
+    metadata block the Hub reads (``huggingface_hub.ModelCardData``)."""
+    tasks = task if isinstance(task, list) else [task]
+    names = " + ".join(t.name for t in tasks)
+    if len(tasks) == 1:
+        prompts = _prompt_section(tasks[0])
+    else:
+        prompts = "\n".join(f"### {t.name}\n\n{_prompt_section(t)}" for t in tasks)
+    checks = "".join(f"{line}\n\n" for line in (exported, gate.line() if gate is not None else None) if line)
+    if last_eval:
+        shown = {k: v for k, v in last_eval.items() if isinstance(v, (int, float, str)) and v is not None}
+        source = f"{cfg.data.validation or cfg.data.train} (split {cfg.data.validation_split})" if not cfg.tasks \
+            else "each task's validation data"
+        mode = f", {shown['mode']} mode" if "mode" in shown else ""
+        metrics = (f"Measured at optimizer step {last_eval.get('step')} on {shown.get('n')} rows of {source}{mode}:\n\n"
+                   + "\n".join(f"| {k} | {v} |" for k, v in shown.items() if k not in ("task", "mode", "step"))
+                   + "\n")
+        metrics = "| metric | value |\n|---|---|\n" + metrics
+    else:
+        metrics = "No validation was run for this export.\n"
+    trained_on = ", ".join(f"`{e.train}`" for e in cfg.tasks.values()) if cfg.tasks else f"`{cfg.data.train}`"
+    data = ModelCardData(library_name="transformers", base_model=base_name,
+                         tags=["t2tune", "text2text", *(t.name for t in tasks)], pipeline_tag="text-generation")
+    return str(ModelCard(f"""---
+{data.to_yaml()}
+---
+
+# {names} fine-tune of {base_name}
+
+Fine-tuned with t2tune {__version__} as a text-to-text task: the model reads the prompt and
+generates the answer followed by its end-of-text token.
+
+## Prompt format
+
+{prompts}
 ## Training
 
 Trained for {state.optimizer_step} optimizer steps ({state.tokens_seen:,} tokens) on
-`{cfg.data.train}`. Configuration:
+{trained_on}. Configuration:
 
 ```yaml
 {yaml.safe_dump(cfg.to_dict(), sort_keys=False).strip()}
@@ -298,6 +319,6 @@ Trained for {state.optimizer_step} optimizer steps ({state.tokens_seen:,} tokens
 No upload was attempted. To publish this folder:
 
 ```
-huggingface-cli upload YOUR_NAME/{task.name}-{base_name.split('/')[-1]} . .
+huggingface-cli upload YOUR_NAME/{names.replace(" + ", "-")}-{base_name.split('/')[-1]} . .
 ```
 """))

@@ -190,7 +190,7 @@ def _glue_nli(name: str, labels: tuple[str, ...], hub_config: str, val_split: st
     return Task(
         name=name, prompt=name + " hypothesis: {hypothesis} premise: {premise} target:", labels=labels,
         aliases={"sentence1": "premise", "sentence2": "hypothesis", "gold_label": "label"},
-        hub=("nyu-mll/glue", hub_config, val_split), **kw)
+        truncate_field="premise", hub=("nyu-mll/glue", hub_config, val_split), **kw)
 
 
 BUILTIN: dict[str, Task] = {

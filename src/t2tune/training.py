@@ -134,11 +134,18 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
 
 def next_global_batch(n_rows: int, state: TrainState, size: int, seed: int) -> list[int]:
     """Row indices of the next optimizer step, advancing ``state`` (wraps into new epochs)."""
-    picked: list[int] = []
+    return [index for _, index in next_positions(lambda epoch: n_rows, state, size, seed)]
+
+
+def next_positions(rows_in: Callable[[int], int], state: TrainState, size: int, seed: int) -> list[tuple[int, int]]:
+    """(epoch, row) of each row of the next optimizer step, advancing ``state``; ``rows_in(epoch)``
+    is the epoch's row count (a mixture packs each epoch anew)."""
+    picked: list[tuple[int, int]] = []
     while len(picked) < size:
+        n_rows = rows_in(state.epoch)
         order = epoch_order(n_rows, seed, state.epoch)
         take = order[state.row_in_epoch:state.row_in_epoch + size - len(picked)]
-        picked.extend(take)
+        picked.extend((state.epoch, index) for index in take)
         state.row_in_epoch += len(take)
         if state.row_in_epoch >= n_rows:
             state.epoch += 1
