@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from t2tune.errors import DataError
@@ -63,9 +65,16 @@ def test_too_long_is_an_error(tiny):
     row = {"premise": "word " * 100, "hypothesis": "h", "label": "neutral", "_where": "f.jsonl:3"}
     with pytest.raises(DataError, match=r"f.jsonl:3: example is \d+ tokens, longer than a training row"):
         encode_for_training(task, [row], tiny.tokenizer, 32, truncate=False)
-    (example,), dropped = encode_for_training(task, [row], tiny.tokenizer, 32, truncate=True)
+    # a task without a field to shorten: the prompt's tokens are cut to fill the row exactly
+    plain = dataclasses.replace(task, truncate_field=None)
+    (example,), dropped = encode_for_training(plain, [row], tiny.tokenizer, 32, truncate=True)
     assert len(example.ids) == 33 and dropped == 0
     assert tiny.tokenizer.decode(example.ids).endswith("target: neutral<|endoftext|>")
+    # MNLI names its premise: the premise is shortened (as text), hypothesis and answer stay whole
+    (example,), dropped = encode_for_training(task, [row], tiny.tokenizer, 32, truncate=True)
+    text = tiny.tokenizer.decode(example.ids)
+    assert len(example.ids) <= 33 and dropped == 0 and text.startswith("mnli hypothesis: h premise: word")
+    assert text.endswith("target: neutral<|endoftext|>")
 
 
 def test_qa_truncation_drops_examples_whose_answer_is_cut(tiny):
