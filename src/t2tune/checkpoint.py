@@ -402,12 +402,12 @@ def merge_lora_weights(peft_model: Any, weights: dict[str, Any]) -> dict[str, An
 
 def export(model: Any, tokenizer: Any, out: Path, merge: bool = True, card: str | Callable[[Any], str] | None = None,
            what: str = "export", weights: dict[str, Any] | None = None,
-           check: Callable[[Path], Any] | None = None) -> Path:
+           check: Callable[[Path], Any] | None = None) -> Any:
     """Write a Hugging Face folder atomically; peft adapters are merged unless ``merge`` is False.
     ``weights`` are full weights gathered from a sharded engine (the model object holds only a
     shard). ``check(folder)`` inspects the written folder before it is renamed into place (the
     export gate): if it raises, nothing is written; what it returns goes to ``card`` when that
-    is a function. An existing ``out`` is replaced only when it is empty or a t2tune export
+    is a function, and is returned. An existing ``out`` is replaced only when it is empty or a t2tune export
     holding nothing but what t2tune wrote (``what`` names the setting in the refusal)."""
     check_export_target(out, what)
     with atomic_dir(out) as tmp:
@@ -421,4 +421,4 @@ def export(model: Any, tokenizer: Any, out: Path, merge: bool = True, card: str 
         if card is not None:
             (tmp / "README.md").write_text(card, encoding="utf-8")
         write_marker(tmp, "export", files_below(tmp))
-    return out
+    return report

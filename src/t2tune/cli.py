@@ -162,8 +162,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         state = TrainState.from_dict(json.loads(src.state.read_text(encoding="utf-8"))) if src.state.is_file() \
             else TrainState()
         card = model_card(cfg, get_task(cfg.task), cfg.model.name, state, {})
-    out = export(loaded.model, loaded.tokenizer, Path(args.out).expanduser(), merge=not args.adapter_only,
-                 card=card, what="--out")
+    out = Path(args.out).expanduser()
+    export(loaded.model, loaded.tokenizer, out, merge=not args.adapter_only, card=card, what="--out")
     print(json.dumps({"export": str(out), "adapter_only": bool(args.adapter_only)}))
     return 0
 

@@ -328,20 +328,9 @@ def build_config(values: dict[str, Any]) -> RunConfig:
         if not dataclasses.is_dataclass(section):
             errors.append(f"{key}: unknown key ('{head}' has no sub-keys)")
             continue
-        hints = {_spelled(name): tp for name, tp in typing.get_type_hints(type(section)).items()}
-        if rest not in hints:
-            close = difflib.get_close_matches(rest, list(hints), n=1)
-            hint = f" (did you mean {head}.{close[0]}?)" if close else f" (known: {', '.join(sorted(hints))})"
-            errors.append(f"{key}: unknown key{hint}")
-            continue
-        value = _coerce(value, hints[rest])
-        if not _type_ok(value, hints[rest]):
-            errors.append(f"{key}: expected {_type_name(hints[rest])}, got {short(value)}")
-            continue
-        if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
-            errors.append(f"{key}: must be a finite number, got {short(value)}")
-            continue
-        setattr(section, _attribute(rest), value)
+        problem = _assign(section, head, rest, value)
+        if problem:
+            errors.append(problem)
     if not errors:
         errors.extend(_check_values(cfg))
     if errors:
@@ -349,6 +338,24 @@ def build_config(values: dict[str, Any]) -> RunConfig:
         raise ConfigError("invalid config: " + shown)
     cfg.out_dir = str(Path(cfg.out_dir).expanduser()) if cfg.out_dir else cfg.out_dir
     return cfg
+
+
+def _assign(section: Any, prefix: str, key: str, value: Any) -> str | None:
+    """Set ``section.<key>`` (the config key ``prefix.key``) to ``value`` read from YAML, or say
+    why not: an unknown key, the wrong type, a number that is not finite."""
+    hints = {_spelled(name): tp for name, tp in typing.get_type_hints(type(section)).items()}
+    where = f"{prefix}.{key}"
+    if key not in hints:
+        close = difflib.get_close_matches(key, list(hints), n=1)
+        hint = f" (did you mean {prefix}.{close[0]}?)" if close else f" (known: {', '.join(sorted(hints))})"
+        return f"{where}: unknown key{hint}"
+    value = _coerce(value, hints[key])
+    if not _type_ok(value, hints[key]):
+        return f"{where}: expected {_type_name(hints[key])}, got {short(value)}"
+    if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
+        return f"{where}: must be a finite number, got {short(value)}"
+    setattr(section, _attribute(key), value)
+    return None
 
 
 def _set_task_entry(cfg: RunConfig, rest: str, value: Any) -> list[str]:
@@ -364,25 +371,8 @@ def _set_task_entry(cfg: RunConfig, rest: str, value: Any) -> list[str]:
     elif not isinstance(value, dict):
         return [f"tasks.{name}: expected a mapping of keys (train, validation, weight, ...), got {short(value)}"]
     entry = cfg.tasks.setdefault(name, TaskEntry())
-    hints = typing.get_type_hints(TaskEntry)
-    errors = []
-    for field_name, field_value in value.items():
-        where = f"tasks.{name}.{field_name}"
-        if field_name not in hints:
-            errors.append(f"{where}: unknown key (known: {', '.join(sorted(hints))})")
-            continue
-        field_value = _coerce(field_value, hints[field_name])
-        if not _type_ok(field_value, hints[field_name]):
-            errors.append(f"{where}: expected {_type_name(hints[field_name])}, got {short(field_value)}")
-        elif field_name == "weight" and field_value is not None and not (
-                math.isfinite(field_value) and field_value > 0):
-            errors.append(f"{where}: must be a finite number > 0, got {short(field_value)}")
-        elif field_name == "mode" and field_value is not None and field_value not in CHOICES["eval.mode"]:
-            modes = ", ".join(sorted(CHOICES["eval.mode"]))
-            errors.append(f"{where}: must be one of {modes}, got {short(field_value)}")
-        else:
-            setattr(entry, field_name, field_value)
-    return errors
+    problems = (_assign(entry, f"tasks.{name}", field, field_value) for field, field_value in value.items())
+    return [problem for problem in problems if problem]
 
 
 def get_key(cfg: RunConfig, key: str) -> Any:
@@ -430,6 +420,12 @@ def _check_values(cfg: RunConfig) -> list[str]:
         errors.append(f"train.betas: must be two numbers in [0, 1), got {short(t.betas)}")
     if not cfg.out_dir:
         errors.append("out_dir: must not be empty")
+    for name, entry in cfg.tasks.items():  # each entry's mode and weight, checked like eval.mode and RANGES
+        if entry.mode is not None and entry.mode not in CHOICES["eval.mode"]:
+            modes = ", ".join(sorted(CHOICES["eval.mode"]))
+            errors.append(f"tasks.{name}.mode: must be one of {modes}, got {short(entry.mode)}")
+        if entry.weight is not None and not _RANGE_TESTS[_POS](entry.weight):
+            errors.append(f"tasks.{name}.weight: must be {_POS}, got {entry.weight}")
     if cfg.tasks:
         for key in ("data.train", "data.validation"):
             if get_key(cfg, key) is not None:

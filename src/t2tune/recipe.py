@@ -248,13 +248,19 @@ def _claim(folder: RunFolder, cfg: RunConfig, overwrite: bool, process: Any) -> 
                 say(f"moved the previous contents of out_dir to {moved}")
         except UserError as exc:
             refusal = str(exc)
-    if process.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        refusal = broadcast_object_list([refusal])[0]
+    (refusal,) = _from_main(process, [refusal])
     if refusal is not None:
         raise UserError(refusal)
     return lock
+
+
+def _from_main(process: Any, values: list[Any]) -> list[Any]:
+    """The main process's ``values`` on every process (one broadcast; as they are with one process)."""
+    if process.num_processes == 1:
+        return values
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list(values)
 
 
 def _load_data(data: Any, member: Member, limit: int | None) -> tuple[list[Row], list[Row]]:
@@ -342,7 +348,9 @@ class Run:
         given = eval_config.greater_is_better
         self.higher = greater_is_better(self.best_key) if given is None else given
         self.flops = model_flops(model, cfg.train.seq_len)
-        self.peak, self.peak_source = 0.0, ""  # measured when training starts
+        # the MFU peak, its dtype and where it came from, and the rows' packing efficiency: set
+        # when training starts
+        self.peak, self.peak_source, self.peak_dtype, self.packing_efficiency = 0.0, "", torch.float32, 0.0
         self._since = time.perf_counter()  # wall_seconds counts from here
         self.packing_report: dict[str, Any] = {}  # the packing self-test's drift and seconds
 
@@ -369,13 +377,13 @@ class Run:
                                 tracker_settings(self.cfg.log.to, self.folder.trackers))
         checked = self.check_packing()
         t = self.cfg.train
-        dtype = torch.bfloat16 if t.precision == "bf16" else next(self.model.parameters()).dtype
-        self.peak, self.peak_source = peak_tflops(self.accelerator.device, dtype, t.peak_tflops)
+        self.peak_dtype = torch.bfloat16 if t.precision == "bf16" else next(self.model.parameters()).dtype
+        self.peak, self.peak_source = peak_tflops(self.accelerator.device, self.peak_dtype, t.peak_tflops)
+        self.packing_efficiency = round(packing_efficiency(self.rows, t.seq_len), 4)
         self._since = time.perf_counter()
         self.log_file.write({"event": "start", "step": self.state.optimizer_step, "resumed": resumed,
                              "rows": len(self.rows), "dropped_examples": self.dropped,
-                             "packing_efficiency": round(packing_efficiency(self.rows, t.seq_len), 4),
-                             "flops_per_token": self.flops.per_token,
+                             "packing_efficiency": self.packing_efficiency, "flops_per_token": self.flops.per_token,
                              "flops_per_label": self.flops.per_label, "peak_tflops": round(self.peak, 4),
                              "peak_source": self.peak_source, **checked, **({"mix": self.mix} if self.mix else {}),
                              "processes": self.accelerator.num_processes, "t2tune": __version__})
@@ -440,7 +448,7 @@ class Run:
     def _gate(self) -> Callable[[Path], GateReport] | None:
         """The export gate's check: the trained model's last-token logits on a few validation
         prompts now (every process, as sharded weights need), the reload compared with them later."""
-        rows = self.eval_rows[:GATE_PROMPTS] or []
+        rows = self.eval_rows[:GATE_PROMPTS]
         if not rows:
             return None
         ids = encode_prompts(self.tokenizer, [self.task.prompt_text(r) for r in rows], self.eval_config.seq_len)
@@ -467,11 +475,11 @@ class Run:
         numbers = {"tokens_seen": s.tokens_seen, "train_seconds": round(s.train_seconds, 3),
                    "eval_seconds": round(s.eval_seconds, 3), "wall_seconds": round(s.wall_seconds, 3),
                    "tokens_per_s": round(tps, 1), "mfu": round(self.mfu(s.model_flops, s.train_seconds), 5),
-                   "packing_efficiency": round(packing_efficiency(self.rows, t.seq_len), 4),
+                   "packing_efficiency": self.packing_efficiency,
                    "validation_share": round(s.eval_seconds / wall, 4), "best": s.best,
                    "exported_step": exported.get("step"), "export": str(self.folder.export),
                    "gate_drift": gate.drift if gate else None}
-        precision = "bf16" if t.precision == "bf16" else str(next(self.model.parameters()).dtype).removeprefix("torch.")
+        precision = "bf16" if t.precision == "bf16" else str(self.peak_dtype).removeprefix("torch.")
         say(f"{s.optimizer_step} steps, {s.tokens_seen:,} tokens in {s.wall_seconds / 60:.1f} min: training "
             f"{s.train_seconds / 60:.1f} min at {tps:,.0f} tokens/s (MFU {numbers['mfu']:.1%} of "
             f"{self.peak:.3g} TFLOP/s {precision}, {self.peak_source}), validation {s.eval_seconds / 60:.1f} min "
@@ -538,35 +546,49 @@ class Run:
         step, logs and plots. Returns whether this step is a new best (on every process)."""
         start = time.perf_counter()
         results = [(m, self.evaluate(member=m)) for m in self.members if m.eval_rows]
-        improved = False
+        improved, failed = False, None
         if self.main:
-            summary, metrics = self._combined(results)
-            s, key = self.state, self.best_key
-            if key not in summary:
-                raise ConfigError(f"eval.metric: the validation reports no {key!r}; it reports "
-                                  f"{', '.join(k for k, v in summary.items() if isinstance(v, (int, float)))}")
-            step, value = s.optimizer_step, summary[key]
-            improved = not s.best or (value > s.best[key] if self.higher else value < s.best[key])
-            s.best = {**summary, "step": step} if improved else s.best
-            s.stale = 0 if improved else s.stale + 1
-            s.last_eval = {**summary, "step": step}
-            s.eval_seconds += time.perf_counter() - start
-            share = s.eval_seconds / max(self._tick(), 1e-9)
-            self.log_file.write({"event": "eval", "step": step, **summary, "best_step": s.best["step"],
-                                 "train_seconds": round(s.train_seconds, 3), "eval_seconds": round(s.eval_seconds, 3),
-                                 "validation_share": round(share, 4), "metrics": metrics})
-            if self.bar is not None:  # a mixture's line leads with every task's headline
-                heads = "".join(f"{name} {summary[name]:.4f}, " for name in summary.get("headlines", []))
-                self.bar.write(f"step {step}: {heads}{key} {value:.4f} (best {s.best[key]:.4f} at step "
-                               f"{s.best['step']}), {summary['examples_per_s']} examples/s")
-            by_task = {"": metrics} if len(self.members) == 1 else {f"{name}-": m for name, m in metrics.items()}
-            refresh_plots(self.folder.plots, read_events(self.folder.metrics), by_task)
-            if self.trackers is not None:
-                for prefix in by_task:
-                    for name in ("confusion", "reliability"):
-                        self.trackers.image(f"eval/{prefix.replace('-', '/')}{name}",
-                                            self.folder.plots / f"{prefix}{name}.png", step)
-        return self._agreed(improved)
+            try:
+                improved = self._record(results, start)
+            except UserError as exc:  # raised below on every process: the others would wait forever
+                failed = exc
+        s = self.state
+        improved, s.best, s.stale, failed = _from_main(self.accelerator, [improved, s.best, s.stale, failed])
+        if failed is not None:
+            raise failed
+        return improved
+
+    def _record(self, results: list[tuple[Member, EvalResult]], start: float) -> bool:
+        """The main process's part of a validation: the best step and patience count, the
+        metrics.jsonl line, the progress line, plots and tracker images. Returns whether the
+        step is a new best."""
+        summary, metrics = self._combined(results)
+        s, key = self.state, self.best_key
+        if key not in summary:
+            raise ConfigError(f"eval.metric: the validation reports no {key!r}; it reports "
+                              f"{', '.join(k for k, v in summary.items() if isinstance(v, (int, float)))}")
+        step, value = s.optimizer_step, summary[key]
+        improved = not s.best or (value > s.best[key] if self.higher else value < s.best[key])
+        s.best = {**summary, "step": step} if improved else s.best
+        s.stale = 0 if improved else s.stale + 1
+        s.last_eval = {**summary, "step": step}
+        s.eval_seconds += time.perf_counter() - start
+        share = s.eval_seconds / max(self._tick(), 1e-9)
+        self.log_file.write({"event": "eval", "step": step, **summary, "best_step": s.best["step"],
+                             "train_seconds": round(s.train_seconds, 3), "eval_seconds": round(s.eval_seconds, 3),
+                             "validation_share": round(share, 4), "metrics": metrics})
+        if self.bar is not None:  # a mixture's line leads with every task's headline
+            heads = "".join(f"{name} {summary[name]:.4f}, " for name in summary.get("headlines", []))
+            self.bar.write(f"step {step}: {heads}{key} {value:.4f} (best {s.best[key]:.4f} at step "
+                           f"{s.best['step']}), {summary['examples_per_s']} examples/s")
+        by_task = {"": metrics} if len(self.members) == 1 else {f"{name}-": m for name, m in metrics.items()}
+        refresh_plots(self.folder.plots, read_events(self.folder.metrics), by_task)
+        if self.trackers is not None:
+            for prefix in by_task:
+                for name in ("confusion", "reliability"):
+                    self.trackers.image(f"eval/{prefix.replace('-', '/')}{name}",
+                                        self.folder.plots / f"{prefix}{name}.png", step)
+        return improved
 
     def _combined(self, results: list[tuple[Member, EvalResult]]) -> tuple[dict[str, Any], dict[str, Any]]:
         """The validation's summary line and metrics: one task's own, or for a mixture every
@@ -585,16 +607,6 @@ class Run:
                    "examples_per_s": round(n / seconds, 3) if seconds else None,
                    "headlines": [f"{m.name}/{headline(m.task)}" for m, _ in results], "tasks": per}
         return summary, {m.name: r.metrics for m, r in results}
-
-    def _agreed(self, flag: bool) -> bool:
-        """The main process's ``flag`` (and the state it decided with) on every process."""
-        if self.accelerator.num_processes == 1:
-            return flag
-        from accelerate.utils import broadcast_object_list
-
-        flag, best, stale = broadcast_object_list([flag, self.state.best, self.state.stale])
-        self.state.best, self.state.stale = best, stale
-        return flag
 
     def _full_weights(self) -> dict[str, Any] | None:
         """Under FSDP / DeepSpeed, the full weights gathered to the main process (a collective:
@@ -699,15 +711,12 @@ class Run:
         ``check``: the export gate; ``exported``: the validation summary of the exported step
         (default: the last validation). Returns the gate's report."""
         shown = self.last_eval if exported is None else exported
-        reports: list[GateReport | None] = [None]
 
         def card(report: GateReport | None) -> str:
-            reports[0] = report
             return model_card(self.cfg, [m.task for m in self.members], self.base_name, self.state, shown,
                               self._why(shown), report)
         try:
-            export(self.model, self.tokenizer, path, merge=merge, card=card, weights=weights, check=check)
-            return reports[0]
+            return export(self.model, self.tokenizer, path, merge=merge, card=card, weights=weights, check=check)
         except OSError as exc:
             raise UserError(f"{path}: could not write the export ({exc.strerror}); the checkpoints are kept, "
                             "run `t2tune export` on the newest one") from None
