@@ -54,7 +54,9 @@ class TrainConfig:
     eps: float = 1e-8
     weight_decay: float = 0.0  # never applied to norms and biases
     warmup_steps: int = 0
-    warmup_fraction: float = 0.0  # the warmup of a budgeted run (steps: auto), as a fraction of the budget
+    # warmup as a fraction of the run: of the time budget (steps: auto) or of the steps; the
+    # one way to warm up a budgeted run, and an alternative to warmup_steps (set one of them)
+    warmup_fraction: float = 0.0
     schedule: str = "constant"  # constant | linear | cosine (after warmup)
     min_lr_ratio: float = 0.0  # floor of linear/cosine decay, as a fraction of lr
     dropout: float | None = None  # overrides every dropout probability of the model when set
@@ -416,6 +418,11 @@ def _check_values(cfg: RunConfig) -> list[str]:
         errors.append(problem)
     if t.steps == "auto" and t.max_minutes is None:
         errors.append("train.steps: auto trains for a time budget; set train.max_minutes too")
+    if t.warmup_steps and (t.warmup_fraction or t.steps == "auto"):
+        errors.append(f"train.warmup_steps: {t.warmup_steps} with "
+                      + ("train.steps: auto, whose warmup is train.warmup_fraction of the budget"
+                         if t.steps == "auto" else f"train.warmup_fraction: {t.warmup_fraction}")
+                      + "; set one of them (the other 0)")
     if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
         errors.append(f"train.betas: must be two numbers in [0, 1), got {short(t.betas)}")
     if not cfg.out_dir:

@@ -87,7 +87,8 @@ def mfu(flops: float, seconds: float, peak_tflops: float, processes: int = 1) ->
     return flops / seconds / (peak_tflops * 1e12 * processes) if seconds and peak_tflops else 0.0
 
 
-def _machine(device: torch.device, dtype: torch.dtype) -> str:
+def machine(device: torch.device, dtype: torch.dtype) -> str:
+    """The device, its model and (on CPU) torch's thread count, and ``dtype``: what a measured peak is a peak of."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
@@ -134,7 +135,7 @@ def peak_tflops(device: torch.device, dtype: torch.dtype, given: float | None = 
     from .models import cache_dir
 
     path = cache_dir() / "peak_tflops.json"
-    key = _machine(device, dtype)
+    key = machine(device, dtype)
     try:
         known = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):

@@ -60,21 +60,26 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Multiplier of ``cfg.lr`` at optimizer step ``step`` (0-based): linear warmup, then the schedule.
+    """Multiplier of ``cfg.lr`` at optimizer step ``step`` (0-based): linear warmup over
+    ``warmup_steps`` (or, when that is 0, ``warmup_fraction`` of ``steps``), then the schedule.
 
     Written here rather than taken from transformers' ``get_scheduler``: its warmup gives the
     first step a learning rate of 0 (a wasted step), this one ``lr / warmup_steps``, and its
     linear decay has no floor; the numbers of every run so far come from this function.
 
     >>> from types import SimpleNamespace as N
-    >>> c = N(warmup_steps=2, steps=6, schedule="linear", min_lr_ratio=0.0)
+    >>> c = N(warmup_steps=2, warmup_fraction=0.0, steps=6, schedule="linear", min_lr_ratio=0.0)
     >>> [round(lr_factor(s, c), 2) for s in range(6)]
     [0.5, 1.0, 1.0, 0.75, 0.5, 0.25]
+    >>> c = N(warmup_steps=0, warmup_fraction=0.25, steps=8, schedule="constant", min_lr_ratio=0.0)
+    >>> [round(lr_factor(s, c), 2) for s in range(4)]
+    [0.5, 1.0, 1.0, 1.0]
     """
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    span = max(1, cfg.steps - cfg.warmup_steps)
-    return decay_factor(min(1.0, (step - cfg.warmup_steps) / span), cfg)
+    warmup = cfg.warmup_steps or round(cfg.warmup_fraction * cfg.steps)
+    if step < warmup:
+        return (step + 1) / warmup
+    span = max(1, cfg.steps - warmup)
+    return decay_factor(min(1.0, (step - warmup) / span), cfg)
 
 
 def decay_factor(progress: float, cfg: TrainConfig) -> float:
