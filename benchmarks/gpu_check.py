@@ -36,8 +36,8 @@ from t2tune.training import Engine, make_optimizer, make_scheduler, train_step  
 
 def train_cfg(**kw):
     base = dict(steps=6, micro_batch_size=4, global_batch_size=4, lr=1e-4, betas=[0.9, 0.95], eps=1e-8,
-                weight_decay=0.0, warmup_steps=0, schedule="constant", min_lr_ratio=0.0, grad_clip=1.0,
-                precision="bf16", seed=0)
+                weight_decay=0.0, warmup_steps=0, warmup_fraction=0.0, schedule="constant", min_lr_ratio=0.0,
+                grad_clip=1.0, precision="bf16", seed=0)
     base.update(kw)
     return SimpleNamespace(**base)
 
