@@ -418,11 +418,12 @@ def _check_values(cfg: RunConfig) -> list[str]:
         errors.append(problem)
     if t.steps == "auto" and t.max_minutes is None:
         errors.append("train.steps: auto trains for a time budget; set train.max_minutes too")
-    if t.warmup_steps and (t.warmup_fraction or t.steps == "auto"):
-        errors.append(f"train.warmup_steps: {t.warmup_steps} with "
-                      + ("train.steps: auto, whose warmup is train.warmup_fraction of the budget"
-                         if t.steps == "auto" else f"train.warmup_fraction: {t.warmup_fraction}")
-                      + "; set one of them (the other 0)")
+    if t.warmup_steps and t.steps == "auto":
+        errors.append(f"train.warmup_steps: {t.warmup_steps} with train.steps: auto, whose warmup is "
+                      "train.warmup_fraction of the budget; set one of them (the other 0)")
+    elif t.warmup_steps and t.warmup_fraction:
+        errors.append(f"train.warmup_steps: {t.warmup_steps} with train.warmup_fraction: {t.warmup_fraction}; "
+                      "set one of them (the other 0)")
     if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
         errors.append(f"train.betas: must be two numbers in [0, 1), got {short(t.betas)}")
     if not cfg.out_dir:
@@ -506,4 +507,4 @@ def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     (written by an older t2tune) is the same when the new one holds its default."""
     a, b = _flatten(old), _flatten(new)
     defaults = _flatten(RunConfig().to_dict())
-    return sorted(k for k in set(a) | set(b) if a.get(k, defaults.get(k) if k not in a else None) != b.get(k))
+    return sorted(k for k in set(a) | set(b) if a.get(k, defaults.get(k)) != b.get(k))

@@ -97,15 +97,17 @@ def epoch_mix(tasks: Sequence[Sequence[Item]], counts: Sequence[int], seed: int,
 
 
 class EpochRows:
-    """The packed rows of each epoch of a mixture, built on first use and kept for the epoch
-    in progress (``rows(epoch)``); ``pack`` turns an epoch's examples into rows."""
+    """The packed rows of each epoch of a mixture (``rows(epoch)``), built on first use; the
+    newest epoch and the one before it are kept, since a step that crosses an epoch boundary
+    reads rows of both. ``pack`` turns an epoch's examples into rows."""
 
     def __init__(self, tasks: Sequence[Sequence[Item]], counts: Sequence[int], seed: int,
                  pack: Callable[[list[Item]], list]):
         self.tasks, self.counts, self.seed, self.pack = tasks, counts, seed, pack
-        self._cached: tuple[int, list] | None = None
+        self._cached: dict[int, list] = {}
 
     def rows(self, epoch: int) -> list:
-        if self._cached is None or self._cached[0] != epoch:
-            self._cached = (epoch, self.pack(epoch_mix(self.tasks, self.counts, self.seed, epoch)))
-        return self._cached[1]
+        if epoch not in self._cached:
+            self._cached = {e: rows for e, rows in self._cached.items() if e == epoch - 1}
+            self._cached[epoch] = self.pack(epoch_mix(self.tasks, self.counts, self.seed, epoch))
+        return self._cached[epoch]

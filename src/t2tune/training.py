@@ -137,14 +137,9 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
 
 
-def next_global_batch(n_rows: int, state: TrainState, size: int, seed: int) -> list[int]:
-    """Row indices of the next optimizer step, advancing ``state`` (wraps into new epochs)."""
-    return [index for _, index in next_positions(lambda epoch: n_rows, state, size, seed)]
-
-
 def next_positions(rows_in: Callable[[int], int], state: TrainState, size: int, seed: int) -> list[tuple[int, int]]:
-    """(epoch, row) of each row of the next optimizer step, advancing ``state``; ``rows_in(epoch)``
-    is the epoch's row count (a mixture packs each epoch anew)."""
+    """(epoch, row) of each row of the next optimizer step, advancing ``state`` (wraps into new
+    epochs); ``rows_in(epoch)`` is the epoch's row count (a mixture packs each epoch anew)."""
     picked: list[tuple[int, int]] = []
     while len(picked) < size:
         n_rows = rows_in(state.epoch)
