@@ -145,6 +145,14 @@ def main() -> None:
     if args.worker:
         print("RESULT " + json.dumps(RUNNERS[args.worker](args.objective, args.steps)))
         return
+    sys.path.insert(0, str(ROOT / "src"))
+    from t2tune.errors import UserError
+    from t2tune.files import check_new_file, json_field
+
+    try:  # its own earlier JSON is written over, nothing else
+        check_new_file(Path(args.out), "--out", lambda path: json_field(path, "benchmark") == "bench_train")
+    except UserError as exc:
+        parser.error(str(exc))
     peak = bf16_matmul_peak()
     table = []
     for objective in ("all", "target"):

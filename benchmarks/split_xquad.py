@@ -23,10 +23,16 @@ def main() -> None:
     titles = list(dict.fromkeys(r["title"] for r in rows))  # source order
     held = set(titles[-args.validation_articles:])
     out = Path(args.out_dir)
+    parts = {"train": [r for r in rows if r["title"] not in held],
+             "validation": [r for r in rows if r["title"] in held]}
+    texts = {name: "".join(json.dumps(r) + "\n" for r in part) for name, part in parts.items()}
+    for name, text in texts.items():  # an existing file is left alone unless it is this very split
+        path = out / f"{name}.jsonl"
+        if path.exists() and (not path.is_file() or path.read_text(encoding="utf-8") != text):
+            parser.error(f"{path} exists and holds something else; nothing was changed, name another folder")
     out.mkdir(parents=True, exist_ok=True)
-    for name, keep in (("train", lambda r: r["title"] not in held), ("validation", lambda r: r["title"] in held)):
-        part = [r for r in rows if keep(r)]
-        (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part), encoding="utf-8")
+    for name, part in parts.items():
+        (out / f"{name}.jsonl").write_text(texts[name], encoding="utf-8")
         print(f"{name}: {len(part)} questions, {len({r['title'] for r in part})} articles")
 
 

@@ -114,6 +114,28 @@ def test_export_replaces_its_own_export_but_not_added_files(trained, tmp_path):
     assert snapshot(out) == before
 
 
+def test_evaluate_writes_over_only_its_own_predictions_and_plots(trained, tmp_path):
+    run, _ = trained
+    write_jsonl(tmp_path / "v.jsonl", MNLI_ROWS[:2])
+    preds, plots = tmp_path / "p.jsonl", tmp_path / "plots"
+    evaluate = ["evaluate", run / "hf", "--task", "mnli", "--data", tmp_path / "v.jsonl", "--mode", "score",
+                "--out", preds, "--plots", plots]
+    preds.write_text('{"id": 1, "label": "mine"}\n')
+    error_line(t2tune(*evaluate), "--out:", "not a file t2tune wrote")
+    assert preds.read_text() == '{"id": 1, "label": "mine"}\n'
+    preds.write_text("")  # an empty file holds nothing to lose
+    plots.mkdir()
+    (plots / "confusion.png").write_bytes(b"\x89PNG my own figure")
+    error_line(t2tune(*evaluate), "--plots:", "confusion.png", "not a file t2tune wrote")
+    assert (plots / "confusion.png").read_bytes() == b"\x89PNG my own figure" and preds.read_text() == ""
+    (plots / "confusion.png").unlink()
+    for _ in range(2):  # the second run writes over the first's files, which it recognises
+        proc = t2tune(*evaluate)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(preds.read_text().splitlines()) == 2
+    assert sorted(p.name for p in plots.iterdir()) == ["confusion.png", "reliability.png"]
+
+
 def test_train_refuses_a_foreign_folder_and_overwrite_moves_it_aside(tmp_path):
     out = user_folder(tmp_path / "out")
     before = snapshot(out)

@@ -78,6 +78,26 @@ def _eval_config(args: argparse.Namespace) -> Any:
         raise ConfigError(f"invalid option: {message}") from None
 
 
+def _is_predictions_file(path: Path) -> bool:
+    """Whether ``path`` looks like the predictions JSONL of an earlier evaluate / predict."""
+    from .files import json_field
+
+    return json_field(path, "prediction", first_line=True) is not None
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Refuse, before anything slow, output files that t2tune did not write: the predictions
+    file, and the plots."""
+    from .files import check_new_file
+    from .report import METRIC_PLOTS, is_t2tune_plot
+
+    if args.out:
+        check_new_file(Path(args.out).expanduser(), "--out", _is_predictions_file)
+    if getattr(args, "plots", None):
+        for name in METRIC_PLOTS:
+            check_new_file(Path(args.plots).expanduser() / name, "--plots", is_t2tune_plot)
+
+
 def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
     from .files import atomic_file
 
@@ -105,6 +125,7 @@ def cmd_evaluate(args: argparse.Namespace, predict: bool = False) -> int:
     from .tasks import get_task
 
     config = _eval_config(args)  # checked before anything slow
+    _check_outputs(args)
     processes = process_state()  # under accelerate launch, every process takes a share of the rows
     task = get_task(args.task)
     loaded = load_model(ModelConfig(name=args.model, attn_implementation=args.attn,
@@ -136,8 +157,8 @@ def _report(args: argparse.Namespace, task: Any, result: Any, predict: bool) -> 
         if args.plots:
             from .report import plot_metrics
 
-            Path(args.plots).mkdir(parents=True, exist_ok=True)
-            plot_metrics(result.metrics, Path(args.plots))
+            Path(args.plots).expanduser().mkdir(parents=True, exist_ok=True)
+            plot_metrics(result.metrics, Path(args.plots).expanduser())
     print(json.dumps(summary))
 
 

@@ -5,7 +5,9 @@
   metrics, the GGUF cache).
 - **Touch only what t2tune wrote**: folders t2tune creates carry a marker file (``.t2tune``,
   JSON: what kind of folder, and for exports the files written), and a folder is replaced or
-  moved only when its marker says t2tune owns everything in it.
+  moved only when its marker says t2tune owns everything in it. A single file named by the user
+  (a predictions file, a plot, a benchmark's JSON) is written over only when empty or
+  recognisably one t2tune wrote (:func:`check_new_file`).
 - **One process per run folder**: an exclusive ``flock`` on ``.t2tune.lock``, which the kernel
   releases when the holder exits however it exits (``kill -9`` too), so a lock file left
   behind by a dead process is never mistaken for a live run.
@@ -19,7 +21,7 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -138,6 +140,47 @@ def check_replaceable(folder: Path, kind: str, what: str, known_as: str | None =
     if foreign:
         raise UserError(f"{what}: {folder} holds files t2tune did not write ({', '.join(foreign[:3])}); "
                         "move them out or choose another path")
+
+
+def check_new_file(path: Path, what: str, ours: Callable[[Path], bool]) -> None:
+    """Raise unless ``path`` may be written: it does not exist, is an empty file, or is a file
+    that ``ours`` recognises as one t2tune wrote (checked before anything slow)."""
+    if not path.exists() and not path.is_symlink():
+        return
+    if path.is_symlink() or not path.is_file():
+        raise UserError(f"{what}: {path} exists and is not a plain file; nothing was changed, choose another path")
+    if path.stat().st_size and not ours(path):
+        raise UserError(f"{what}: {path} exists and is not a file t2tune wrote; nothing was changed, "
+                        "choose another path")
+
+
+def json_field(path: Path, key: str, first_line: bool = False) -> Any:
+    """The value of ``key`` in the JSON object that ``path`` holds (with ``first_line``: that its
+    first line holds), or None when there is none; at most 16 MiB is read.
+
+    >>> import tempfile, pathlib
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "p.jsonl"
+    >>> _ = path.write_text('{"prediction": "yes"}\\n{"prediction": "no"}\\n')
+    >>> json_field(path, "prediction", first_line=True), json_field(path, "prediction")
+    ('yes', None)
+    """
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.readline(16 << 20) if first_line else handle.read(16 << 20)
+        value = json.loads(text)
+    except (OSError, ValueError):
+        return None
+    return value.get(key) if isinstance(value, dict) else None
+
+
+def has_png_text(path: Path, keyword: str, value: str) -> bool:
+    """Whether the PNG at ``path`` carries the text chunk ``keyword``: ``value`` among its first 64 KiB."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(64 << 10)
+    except OSError:
+        return False
+    return head.startswith(b"\x89PNG") and f"{keyword}\0{value}".encode("latin-1") in head
 
 
 def move_aside(folder: Path) -> Path:

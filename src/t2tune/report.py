@@ -12,7 +12,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from . import __version__
 from .errors import say
-from .files import atomic_file
+from .files import atomic_file, has_png_text
 from .tasks import Task
 
 
@@ -152,6 +152,18 @@ def _pyplot() -> Any:
     return plt
 
 
+PNG_SOFTWARE = "t2tune"  # the PNG text chunk by which t2tune knows its own plots
+
+
+def _save(fig: Any, path: Path) -> None:
+    fig.savefig(path, dpi=100, metadata={"Software": f"{PNG_SOFTWARE} {__version__}"})
+    _pyplot().close(fig)
+
+
+def is_t2tune_plot(path: Path) -> bool:
+    return has_png_text(path, "Software", PNG_SOFTWARE + " ")
+
+
 def plot_training(events: list[dict[str, Any]], folder: Path) -> None:
     plt = _pyplot()
     train = [e for e in events if e.get("event") == "train"]
@@ -163,8 +175,7 @@ def plot_training(events: list[dict[str, Any]], folder: Path) -> None:
         ax2.plot([e["step"] for e in train], [e["lr"] for e in train], color="tab:orange")
         ax2.set(xlabel="optimizer step", ylabel="learning rate", title="learning rate")
         fig.tight_layout()
-        fig.savefig(folder / "loss_lr.png", dpi=100)
-        plt.close(fig)
+        _save(fig, folder / "loss_lr.png")
     if evals:
         # one task: its headline; a mixture: every task's headline and their mean
         keys = evals[0].get("headlines", []) + ["mean"] if "mean" in evals[0] else \
@@ -177,8 +188,7 @@ def plot_training(events: list[dict[str, Any]], folder: Path) -> None:
         label = keys[0] if len(keys) == 1 else "headline metrics"
         ax.set(xlabel="optimizer step", ylabel=f"validation {label}", title=f"validation {label}")
         fig.tight_layout()
-        fig.savefig(folder / "validation.png", dpi=100)
-        plt.close(fig)
+        _save(fig, folder / "validation.png")
 
 
 def plot_confusion(metrics: dict[str, Any], path: Path) -> bool:
@@ -196,8 +206,7 @@ def plot_confusion(metrics: dict[str, Any], path: Path) -> bool:
         for j, value in enumerate(row):
             ax.text(j, i, str(value), ha="center", va="center")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
     return True
 
 
@@ -217,15 +226,18 @@ def plot_reliability(metrics: dict[str, Any], path: Path) -> bool:
     counts.bar(curve["confidence"], curve["count"], width=1 / curve["bins"], color="tab:blue", alpha=0.6)
     counts.set(xlabel="confidence (top label's probability)", ylabel="rows")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
     return True
+
+
+METRIC_PLOTS = ("confusion.png", "reliability.png")  # the files of plot_metrics, after its prefix
 
 
 def plot_metrics(metrics: dict[str, Any], folder: Path, prefix: str = "") -> None:
     """The plots of one validation: confusion matrix, and the reliability diagram (score mode)."""
-    plot_confusion(metrics, folder / f"{prefix}confusion.png")
-    plot_reliability(metrics, folder / f"{prefix}reliability.png")
+    confusion, reliability = METRIC_PLOTS
+    plot_confusion(metrics, folder / f"{prefix}{confusion}")
+    plot_reliability(metrics, folder / f"{prefix}{reliability}")
 
 
 def refresh_plots(folder: Path, events: list[dict[str, Any]],
