@@ -43,5 +43,6 @@ bench-quality: $(STAMP)
 gpu-check:
 	python3 benchmarks/gpu_check.py
 
+# never runs/: it holds the users' training runs, which make did not write
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) .pytest_cache

@@ -7,7 +7,7 @@ from conftest import MNLI_ROWS, SHARED_DATA
 from t2tune.data import read_jsonl
 from t2tune.evaluation import evaluate, score_labels
 from t2tune.metrics import entity_metrics, label_metrics, squad_metrics, squad_scores
-from t2tune.tasks import Task, get_task
+from t2tune.tasks import INVALID, Task, get_task
 from t2tune.tokenize import answer_ids
 
 
@@ -111,10 +111,10 @@ def test_summary_fields(tiny):
 
 def test_label_metrics_worked_example():
     task = get_task("rte")
-    m = label_metrics(task, ["entailment", "invalid", "not_entailment", "entailment"],
+    m = label_metrics(task, ["entailment", INVALID, "not_entailment", "entailment"],
                       ["entailment", "entailment", "not_entailment", "not_entailment"])
     assert m["accuracy"] == 0.5 and m["invalid"] == 1
-    assert m["confusion"] == {"labels": ["entailment", "not_entailment", "invalid"], "matrix": [[1, 0, 1], [1, 1, 0]]}
+    assert m["confusion"] == {"labels": ["entailment", "not_entailment", None], "matrix": [[1, 0, 1], [1, 1, 0]]}
     assert m["per_class"]["entailment"] == {"precision": 0.5, "recall": 0.5, "support": 2}
     assert m["f1"] == pytest.approx(2 / 3)  # positive class not_entailment: P = 1, R = 0.5
 

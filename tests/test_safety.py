@@ -13,67 +13,19 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import MNLI_ROWS, tiny_train_args, write_jsonl
+from conftest import (
+    MNLI_ROWS,
+    TINY,
+    copy_run,
+    error_line,
+    snapshot,
+    t2tune,
+    tiny_train_args,
+    user_folder,
+    write_jsonl,
+)
 
 pytestmark = pytest.mark.slow
-TINY = ["train.steps=2", "train.seq_len=64", "train.micro_batch_size=2", "train.global_batch_size=2",
-        "train.threads=1", "checkpoint.every=1", "checkpoint.keep=3", "eval.limit=1", "eval.max_new_tokens=1"]
-
-
-def t2tune(*args, timeout=300, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "t2tune", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, **kw)
-
-
-def error_line(proc, *needles, only=True) -> str:
-    """Exit 2, no traceback, one `t2tune: error:` line holding every needle (``only``: and
-    nothing else on stderr, for failures before any progress bar)."""
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    lines = [line for line in proc.stderr.replace("\r", "\n").splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("t2tune: error:")]
-    assert len(errors) == 1, proc.stderr[-3000:]
-    if only:
-        assert lines == errors, proc.stderr[-3000:]
-    for needle in needles:
-        assert needle in errors[0], errors[0]
-    return errors[0]
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    """Every file below ``folder`` (the lock file, which only holds a PID, left out)."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != ".t2tune.lock"}
-
-
-def user_folder(path: Path) -> Path:
-    path.mkdir(parents=True)
-    (path / "notes.txt").write_text("my notes\n")
-    (path / "hf").mkdir()
-    (path / "hf" / "config.json").write_text("{}")
-    (path / "checkpoints").mkdir()
-    (path / "checkpoints" / "keep.bin").write_bytes(b"\x00\x01")
-    (path / "metrics.jsonl").write_text('{"mine": true}\n')
-    return path
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A finished tiny run: checkpoints step-1 and step-2, and its export hf/."""
-    tmp = tmp_path_factory.mktemp("trained")
-    args = [*tiny_train_args(tmp, copies=2), f"out_dir={tmp / 'run'}", *TINY]
-    proc = t2tune(*args)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return tmp / "run", args
-
-
-def copy_run(trained, tmp_path) -> tuple[Path, list[str]]:
-    run, args = trained
-    dest = tmp_path / "run"
-    shutil.copytree(run, dest)
-    return dest, [a if not a.startswith("out_dir=") else f"out_dir={dest}" for a in args]
-
-
 # --- data loss -----------------------------------------------------------------------------
 
 def test_export_refuses_a_folder_it_did_not_write(trained, tmp_path):
@@ -220,6 +172,8 @@ def test_diverging_loss_stops_keeps_checkpoint_exports_nothing(tmp_path):
     ({"prompt": "{premise} target:", "labels": [1, 2]}, "'labels' must be a list of at least two non-empty strings"),
     ({"prompt": "{premise} target:", "labels": ["a", "b"], "aliases": {"x": 1}}, "'aliases' must map"),
     ({"prompt": "{premise} target:", "labels": ["a", "b"], "metric": ["accuracy"]}, "'metric' must be"),
+    ({"prompt": "{premise} {label} target:", "labels": ["a", "b"]}, "{label}, which is the target"),
+    ({"prompt": "{premise} target:", "labels": ["a", "b", "a"]}, "'a' is given twice"),
 ])
 def test_custom_task_templates_checked_at_load(tmp_path, spec, expect):
     import yaml

@@ -20,6 +20,7 @@ Layout of an ``out_dir`` (no other module spells these names)::
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -32,7 +33,20 @@ from typing import Any
 import torch
 
 from .errors import UserError
-from .files import FolderLock, atomic_dir, check_replaceable, files_below, move_aside, read_marker, write_marker
+from .files import (
+    LOCK,
+    MARKER,
+    FolderLock,
+    atomic_dir,
+    check_replaceable,
+    files_below,
+    move_aside,
+    open_inside,
+    parse_json,
+    read_marker,
+    refuse_links,
+    write_marker,
+)
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -111,6 +125,11 @@ class RunFolder:
         - ``hf/`` must be replaceable by the final export.
         """
         aside = None
+        if self.root.is_dir() and self._is_run():
+            # before anything is opened or written in it: no link may lead out of the folder
+            refuse_links(self.root, [MARKER, LOCK, self.config.name, self.metrics.name, self.plots.name,
+                                     self.trackers.name, self.export.name, self.checkpoints_root.name],
+                         {self.plots.name: 1, self.checkpoints_root.name: 2})
         if self.root.exists() and not self._is_run():
             if not self.root.is_dir():
                 raise UserError(f"out_dir: {self.root} is a file, not a folder")
@@ -148,9 +167,9 @@ class RunFolder:
         if self.checkpoints_root.is_dir():
             return True
         try:
-            with open(self.metrics, encoding="utf-8") as handle:
-                first = json.loads(handle.readline(1 << 16))
-        except (OSError, ValueError):
+            with open_inside(self.metrics) as handle:
+                first = parse_json(handle.readline(1 << 16))
+        except (OSError, ValueError, UserError):
             return False
         return isinstance(first, dict) and first.get("event") == "start" and "t2tune" in first
 
@@ -329,14 +348,14 @@ def read_checkpoint(step: StepFolder) -> tuple[dict[str, Any], dict[str, Any], d
     """Train state (a dict), optimizer+scheduler state and RNG state of a checkpoint, loaded
     safely (``weights_only``) and checked for shape: a tampered or truncated file is one error."""
     try:
-        state = json.loads(step.state.read_text(encoding="utf-8"))
+        state = parse_json(step.state.read_text(encoding="utf-8"))
         opt = torch.load(step.optimizer, weights_only=True, map_location="cpu")
         rng = torch.load(step.rng, weights_only=True, map_location="cpu")
     except Exception as exc:  # noqa: BLE001 (I/O, truncation, and pickles weights_only refuses all end here)
         reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
         raise UserError(f"{step.path}: corrupt or incomplete checkpoint ({reason}); "
                         "delete it to resume from an older one") from None
-    problem = _shape_problem(state, opt, rng)
+    problem = _shape_problem(state, opt, rng) or _range_problem(state, step)
     if problem:
         raise UserError(f"{step.path}: corrupt checkpoint ({problem}); delete it to resume from an older one")
     return state, opt, rng
@@ -346,6 +365,37 @@ _STATE_TYPES = {"optimizer_step": int, "epoch": int, "row_in_epoch": int, "token
                 "train_seconds": (int, float), "eval_seconds": (int, float), "wall_seconds": (int, float),
                 "model_flops": (int, float),
                 "best": dict, "last_eval": dict, "stale": int}
+
+
+_COUNTS = ("optimizer_step", "epoch", "row_in_epoch", "tokens_seen", "stale")
+_AMOUNTS = ("train_seconds", "eval_seconds", "wall_seconds", "model_flops")
+
+
+def _range_problem(state: dict[str, Any], step: StepFolder) -> str | None:
+    """Values of state.json that no run writes: negative counts, times that are not finite,
+    a step other than the folder's, a best step after it. (The data position is checked
+    against the run's rows when it resumes.)"""
+    for key in _COUNTS:
+        if state.get(key, 0) < 0:
+            return f"state.json: '{key}' is negative ({state[key]})"
+    for key in _AMOUNTS:
+        value = state.get(key, 0.0)
+        if not (math.isfinite(value) and value >= 0):
+            return f"state.json: '{key}' is not a finite number >= 0 ({value})"
+    match = STEP_DIR.match(step.path.name)
+    if match and state.get("optimizer_step") != int(match.group(1)):
+        return f"state.json: 'optimizer_step' is {state.get('optimizer_step')}, not this folder's step {match.group(1)}"
+    for key in ("best", "last_eval"):
+        at = state.get(key, {}).get("step") if state.get(key) else None
+        if state.get(key) and (not isinstance(at, int) or isinstance(at, bool) or not 0 <= at <= state.get(
+                "optimizer_step", 0)):
+            return f"state.json: '{key}' names step {short_text(at)}, which this checkpoint has not reached"
+    return None
+
+
+def short_text(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _shape_problem(state: Any, opt: Any, rng: Any) -> str | None:

@@ -80,22 +80,29 @@ def _eval_config(args: argparse.Namespace) -> Any:
 
 def _is_predictions_file(path: Path) -> bool:
     """Whether ``path`` looks like the predictions JSONL of an earlier evaluate / predict."""
-    from .files import json_field
+    from .files import json_object
 
-    return json_field(path, "prediction", first_line=True) is not None
+    first = json_object(path, first_line=True)
+    return first is not None and "prediction" in first  # an invalid answer's prediction is null
 
 
 def _check_outputs(args: argparse.Namespace) -> None:
     """Refuse, before anything slow, output files that t2tune did not write: the predictions
     file, and the plots."""
-    from .files import check_new_file
+    from .files import check_new_file, check_writable_parent
     from .report import METRIC_PLOTS, is_t2tune_plot
 
     if args.out:
-        check_new_file(Path(args.out).expanduser(), "--out", _is_predictions_file)
+        out = Path(args.out).expanduser()
+        check_writable_parent(out, "--out")
+        check_new_file(out, "--out", _is_predictions_file)
     if getattr(args, "plots", None):
+        plots = Path(args.plots).expanduser()
+        if plots.exists() and not plots.is_dir():
+            raise UserError(f"--plots: {plots} exists and is not a folder; name a folder for the PNGs")
+        check_writable_parent(plots / METRIC_PLOTS[0], "--plots")
         for name in METRIC_PLOTS:
-            check_new_file(Path(args.plots).expanduser() / name, "--plots", is_t2tune_plot)
+            check_new_file(plots / name, "--plots", is_t2tune_plot)
 
 
 def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
@@ -165,7 +172,7 @@ def _report(args: argparse.Namespace, task: Any, result: Any, predict: bool) -> 
 # --- export / tasks ------------------------------------------------------------------------
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .checkpoint import StepFolder, export
+    from .checkpoint import StepFolder, export, read_checkpoint
     from .config import ModelConfig, load_config
     from .models import load_model
     from .report import model_card
@@ -180,8 +187,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     run = src.run
     if run is not None and run.config.is_file():
         cfg = load_config(run.config)
-        state = TrainState.from_dict(json.loads(src.state.read_text(encoding="utf-8"))) if src.state.is_file() \
-            else TrainState()
+        # read_checkpoint checks state.json's shape and ranges, as a resume does
+        state = TrainState.from_dict(read_checkpoint(src)[0]) if src.state.is_file() else TrainState()
         card = model_card(cfg, get_task(cfg.task), cfg.model.name, state, {})
     out = Path(args.out).expanduser()
     export(loaded.model, loaded.tokenizer, out, merge=not args.adapter_only, card=card, what="--out")
@@ -276,25 +283,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     # `t2tune train --debug cfg` and `t2tune --debug train cfg` both work
+    # SIGTERM ends a command as Ctrl-C does, from its first moment: temporary files are removed
+    # on the way out, and exit 130. (The training loop takes both signals over to checkpoint first.)
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
-    args = build_parser().parse_args(argv)
-    keep_freed_memory()
-    # SIGTERM ends a command as Ctrl-C does: temporary files are removed on the way out, and
-    # exit 130. (During training steps the loop takes both signals over to checkpoint first.)
-    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
+        args = build_parser().parse_args(argv)
+        keep_freed_memory()
         return args.func(args)
     except UserError as exc:
         if debug:
             raise
         say(f"error: {exc}")
         return EXIT_BAD_INPUT
-    except OSError as exc:
-        if debug or exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+    except OSError as exc:  # the environment: a full disk, a folder that cannot be written, ...
+        if debug:
             raise
-        say(f"error: {exc.filename or 'a file'}: {exc.strerror}; free some space and run the same command again")
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+        advice = "free some space and run the same command again" if full else "check that path and try again"
+        say(f"error: {exc.filename or 'a file'}: {exc.strerror or exc}; {advice}")
         return EXIT_BAD_INPUT
     except KeyboardInterrupt as exc:
         say(str(exc) or "interrupted")

@@ -20,7 +20,8 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, UserError
+from .files import plain_name
 
 
 @dataclass
@@ -202,13 +203,14 @@ TRACKERS = ("tensorboard", "trackio", "wandb", "mlflow")
 # The allowed range of every numeric key (null, where a key allows it, is always allowed).
 # Every float must also be finite: NaN and inf are refused wherever a number is read.
 _POS, _NONNEG, _FRACTION, _PROB = "> 0", ">= 0", "in [0, 1]", "in [0, 1)"
+_SEED = "in [0, 2**32)"  # what numpy's seed takes (accelerate's set_seed seeds numpy too)
 _RANGE_TESTS = {_POS: lambda v: v > 0, _NONNEG: lambda v: v >= 0, _FRACTION: lambda v: 0 <= v <= 1,
-                _PROB: lambda v: 0 <= v < 1}
+                _PROB: lambda v: 0 <= v < 1, _SEED: lambda v: 0 <= v < 2**32}
 RANGES = {
     "train.steps": _POS, "train.seq_len": _POS, "train.micro_batch_size": _POS, "train.global_batch_size": _POS,
     "train.lr": _POS, "train.eps": _POS, "train.weight_decay": _NONNEG, "train.warmup_steps": _NONNEG,
     "train.min_lr_ratio": _FRACTION, "train.warmup_fraction": _PROB, "train.dropout": _PROB,
-    "train.grad_clip": _POS, "train.seed": _NONNEG,
+    "train.grad_clip": _POS, "train.seed": _SEED,
     "train.log_every": _POS, "train.threads": _POS, "train.max_minutes": _POS,
     "lora.r": _POS, "lora.alpha": _POS, "lora.dropout": _PROB,
     "checkpoint.every": _NONNEG, "checkpoint.keep": _POS,
@@ -236,6 +238,8 @@ def _type_ok(value: Any, tp: Any) -> bool:
     if origin is list:
         (inner,) = typing.get_args(tp)
         return isinstance(value, list) and all(_type_ok(v, inner) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
     if tp is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if tp is int:
@@ -312,6 +316,14 @@ def build_config(values: dict[str, Any]) -> RunConfig:
         if head == "tasks" and rest:
             errors.extend(_set_task_entry(cfg, rest, value))
             continue
+        if head == "tasks" and value is None:  # `tasks:` with every entry commented out: one task
+            continue
+        if head == "tasks":
+            if not isinstance(value, dict):
+                errors.append(f"tasks: expected a mapping of task names to their keys, got {short(value)}")
+            for name, entry in (value.items() if isinstance(value, dict) else ()):
+                errors.extend(_task_entry(cfg, str(name), entry))
+            continue
         if head not in sections:
             errors.append(f"{key}: unknown key")
             continue
@@ -333,8 +345,9 @@ def build_config(values: dict[str, Any]) -> RunConfig:
         problem = _assign(section, head, rest, value)
         if problem:
             errors.append(problem)
-    if not errors:
-        errors.extend(_check_values(cfg))
+    # every key that passed the type check is value-checked too (a key that failed keeps its
+    # default), so that all problems are reported at once
+    errors.extend(_check_values(cfg))
     if errors:
         shown = "; ".join(errors[:12]) + (f"; and {len(errors) - 12} more" if len(errors) > 12 else "")
         raise ConfigError("invalid config: " + shown)
@@ -366,9 +379,12 @@ def _set_task_entry(cfg: RunConfig, rest: str, value: Any) -> list[str]:
     name, _, key = rest.partition(".")
     if not name.strip():
         return [f"tasks.{rest}: a task entry needs a name"]
-    if key:
-        value = {key: value}
-    elif value is None:
+    return _task_entry(cfg, name, {key: value} if key else value)
+
+
+def _task_entry(cfg: RunConfig, name: str, value: Any) -> list[str]:
+    """``tasks.<name>``, its name taken whole, set from a mapping of entry keys (or null)."""
+    if value is None:
         value = {}
     elif not isinstance(value, dict):
         return [f"tasks.{name}: expected a mapping of keys (train, validation, weight, ...), got {short(value)}"]
@@ -429,6 +445,10 @@ def _check_values(cfg: RunConfig) -> list[str]:
     if not cfg.out_dir:
         errors.append("out_dir: must not be empty")
     for name, entry in cfg.tasks.items():  # each entry's mode and weight, checked like eval.mode and RANGES
+        try:
+            plain_name(name, f"tasks.{name}")  # it names plot files and metrics
+        except UserError as exc:
+            errors.append(str(exc))
         if entry.mode is not None and entry.mode not in CHOICES["eval.mode"]:
             modes = ", ".join(sorted(CHOICES["eval.mode"]))
             errors.append(f"tasks.{name}.mode: must be one of {modes}, got {short(entry.mode)}")
@@ -459,6 +479,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of keys")
         values = _flatten(tree)
+        if isinstance(tree.get("tasks"), dict):  # task names are taken whole, dots and all
+            values = {k: v for k, v in values.items() if not k.startswith("tasks.")}
+            values["tasks"] = tree["tasks"]
     for text in overrides:
         key, value = parse_override(text)
         values[key] = value
@@ -496,6 +519,8 @@ def read_yaml(path: Path) -> Any:
         raise ConfigError(f"{path}: {exc}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0][:200]})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid YAML (nested too deeply)") from None
 
 
 def dump_config(cfg: RunConfig) -> str:

@@ -12,14 +12,16 @@ import codecs
 import contextlib
 import csv
 import itertools
-import json
 import os
+import re
 import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .config import short
 from .errors import DataError
+from .files import parse_json
 from .tasks import Task
 
 EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
@@ -61,9 +63,9 @@ def read_jsonl(path: Path) -> list[Row]:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{number}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+            row = parse_json(line)
+        except ValueError as exc:
+            raise DataError(f"{path}:{number}: malformed JSON ({exc})") from None
         if not isinstance(row, dict):
             raise DataError(f"{path}:{number}: each line must be a JSON object, got {type(row).__name__}")
         row["_where"] = f"{path}:{number}"
@@ -247,21 +249,47 @@ def prepare_rows(task: Task, rows: list[Row], need_target: bool = True) -> list[
     return out
 
 
+_INDEX = re.compile(r"[0-9]{1,9}")  # ASCII digits only: "²" is a digit to str.isdigit, not to int
+
+
 def _label_word(task: Task, value: Any, where: str) -> str:
+    """A row's label as the task's label word. The rule: a value is first matched as a label
+    word (its text, stripped). Only when it matches none, and none of the task's label words
+    is itself a number, is an integer (or a string of ASCII digits) read as a 0-based index
+    into the labels, as GLUE files hold them. So labels ``["1", "0"]`` read ``1`` as ``"1"``,
+    and ``["1", "2"]`` (Winogrande) read ``"2"`` as ``"2"``. A boolean is only ever the label
+    word true or false (any case), never an index.
+
+    >>> from types import SimpleNamespace as N
+    >>> [_label_word(N(labels=("yes", "no"), name="t"), v, "f:1") for v in ("no", 0, "1")]
+    ['no', 'yes', 'no']
+    >>> [_label_word(N(labels=("False", "True"), name="t"), v, "f:1") for v in (True, False, 1)]
+    ['True', 'False', 'True']
+    >>> [_label_word(N(labels=("1", "0"), name="t"), v, "f:1") for v in ("1", 1, 0, " 0 ")]
+    ['1', '1', '0', '0']
+    """
     labels = task.labels or ()
-    if isinstance(value, bool):
-        value = int(value)
-    if isinstance(value, int) or (isinstance(value, str) and value.strip().isdigit()):
-        index = int(value)
-        if 0 <= index < len(labels):
-            return labels[index]
-        raise DataError(f"{where}: label index {index} out of range for task {task.name} "
-                        f"(0..{len(labels) - 1} = {', '.join(labels)})")
-    if isinstance(value, str) and value.strip() in labels:
-        return value.strip()
     if value is None:
         raise DataError(f"{where}: missing column 'label'")
-    raise DataError(f"{where}: unknown label {value!r} for task {task.name} (expected one of {', '.join(labels)})")
+    if isinstance(value, bool):  # only as the label word "true" / "false": which of yes/no is True?
+        word = [label for label in labels if label.lower() == str(value).lower()]
+        if not word:
+            raise DataError(f"{where}: label {value} is a boolean, and task {task.name}'s labels "
+                            f"({', '.join(labels)}) hold no word true/false; write the label word, or its index")
+        return word[0]
+    text = value.strip() if isinstance(value, str) else str(value) if isinstance(value, int) else None
+    if text is not None and text in labels:
+        return text
+    numeral_labels = any(_INDEX.fullmatch(label) for label in labels)
+    if text is not None and not numeral_labels and (isinstance(value, int) or _INDEX.fullmatch(text)):
+        index = int(text) if _INDEX.fullmatch(text) else -1  # negative or 10+ digits: out of range
+        if 0 <= index < len(labels):
+            return labels[index]
+        shown = text if len(text) < 24 else text[:20] + "..."
+        raise DataError(f"{where}: label index {shown} out of range for task {task.name} "
+                        f"(0..{len(labels) - 1} = {', '.join(labels)})")
+    raise DataError(f"{where}: unknown label {short(value, 40)} for task {task.name} (expected one of "
+                    f"{', '.join(labels)}{'' if numeral_labels else ', or an index from 0'})")
 
 
 def load_examples(task: Task, source: str, split: str, hub_config: str | None = None,

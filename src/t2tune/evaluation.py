@@ -262,9 +262,11 @@ def evaluate(model: Any, tokenizer: Any, task: Task, rows: Sequence[dict[str, An
     full = encode_prompts(tokenizer, [task.prompt_text(r) for r in rows], sys.maxsize)
     if mode == "generate" and max_new_tokens == "auto":
         max_new_tokens = _auto_length(task, tokenizer, rows, targets, ec.seq_len, full)
-    budget = ec.seq_len - (max_new_tokens if mode == "generate" else sum(map(len, answer_ids(
-        tokenizer, task.labels or ()))))
-    prompt_ids = [p[-max(1, budget):] for p in full]  # cut from the left: the end holds "target:"
+    budget = ec.seq_len - _room_after_prompt(task, tokenizer, mode, max_new_tokens, ec.seq_len)
+    prompt_ids = [p[-budget:] for p in full]  # cut from the left: the end holds "target:"
+    cut = sum(len(p) > budget for p in full)  # counted, never silent
+    if mode == "score":
+        batch_size = _score_rows_per_pass(model, tokenizer, task, ec.seq_len, batch_size)
     batches = _batches_by_length([len(p) for p in prompt_ids], batch_size)
     if world > 1:
         batches, owned = share(batches, processes.process_index, world)
@@ -291,6 +293,7 @@ def evaluate(model: Any, tokenizer: Any, task: Task, rows: Sequence[dict[str, An
             probabilities = torch.tensor(scores, dtype=torch.float64).softmax(0).tolist()  # over the labels
             records.append({**public_fields(row), "scores": dict(zip(task.labels, scores)),
                             "probabilities": dict(zip(task.labels, probabilities)), "prediction": task.labels[best]})
+    stats["prompts_cut"] = cut
     seconds = time.perf_counter() - start
     model.train(was_training)
     metrics: dict[str, Any] = {}
@@ -307,7 +310,58 @@ def evaluate(model: Any, tokenizer: Any, task: Task, rows: Sequence[dict[str, An
         say(f"warning: {stats['truncated']} of {len(records)} generations reached max_new_tokens={max_new_tokens} "
             "without their end-of-text token, so their answers may be cut off; raise eval.max_new_tokens "
             "(--max-new-tokens)")
+    if main and cut:
+        say(f"warning: {cut} of {len(records)} prompts were longer than the {budget} tokens that eval.seq_len="
+            f"{ec.seq_len} leaves for them and were cut from the left (counted as prompts_cut); raise eval.seq_len "
+            "(--seq-len)")
     return EvalResult({**metrics, **stats}, records, seconds)
+
+
+def check_fits(model: Any, tokenizer: Any, task: Task, config: EvalConfig) -> None:
+    """The checks of :func:`evaluate` that need no rows, for a run to make before it trains:
+    a validation that could only cut its prompts to nothing, or not fit in memory, is refused."""
+    if config.mode == "score" and task.is_label_task:
+        _room_after_prompt(task, tokenizer, "score", 0, config.seq_len)
+        _score_rows_per_pass(model, tokenizer, task, config.seq_len, config.batch_size)
+    elif isinstance(config.max_new_tokens, int):
+        _room_after_prompt(task, tokenizer, "generate", config.max_new_tokens, config.seq_len)
+
+
+def _room_after_prompt(task: Task, tokenizer: Any, mode: str, max_new_tokens: int, seq_len: int) -> int:
+    """Tokens of ``seq_len`` that follow the prompt: the generated ones, or (score mode) every
+    label's tokens. A ConfigError when that leaves the prompt no room: a metric over prompts
+    cut to nothing would be a wrong result."""
+    if mode == "generate":
+        if max_new_tokens >= seq_len:
+            raise ConfigError(f"eval.max_new_tokens (--max-new-tokens): {max_new_tokens} generated tokens leave "
+                              f"no room for the prompt in eval.seq_len (--seq-len) {seq_len}; raise eval.seq_len "
+                              "or lower eval.max_new_tokens")
+        return max_new_tokens
+    labels = task.labels or ()
+    tokens = sum(map(len, answer_ids(tokenizer, labels)))
+    if tokens >= seq_len:
+        raise ConfigError(f"eval.seq_len (--seq-len): score mode puts all {len(labels)} labels ({tokens} tokens) after "
+                          f"each prompt, which leaves no room for the prompt in {seq_len} tokens; raise eval.seq_len "
+                          "or use generate mode")
+    return tokens
+
+
+SCORE_PASS_BYTES = 2 << 30  # what one score-mode forward may hold in masks and label logits
+
+
+def _score_rows_per_pass(model: Any, tokenizer: Any, task: Task, seq_len: int, batch_size: int) -> int:
+    """How many prompts one score-mode forward takes: ``batch_size``, fewer when their attention
+    mask (seq_len² per row) and label logits (label tokens × vocabulary per row) would pass
+    ``SCORE_PASS_BYTES``; a ConfigError, with the estimate, when one prompt alone would."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    vocab = head.weight.shape[0] if head is not None else len(tokenizer)
+    tokens = sum(map(len, answer_ids(tokenizer, task.labels or ())))
+    per_row = seq_len * seq_len * 5 + tokens * vocab * 4 * 3  # bool + float mask; logits, float copy, log-softmax
+    if per_row > SCORE_PASS_BYTES:
+        raise ConfigError(f"eval.mode: score mode with {len(task.labels or ())} labels ({tokens} tokens) needs about "
+                          f"{per_row / 2**30:.1f} GiB per prompt (more than {SCORE_PASS_BYTES >> 30} GiB); "
+                          "use generate mode (--mode generate), or fewer labels")
+    return max(1, min(batch_size, SCORE_PASS_BYTES // per_row))
 
 
 def _auto_length(task: Task, tokenizer: Any, rows: Sequence[dict[str, Any]], targets: Sequence[str] | None,

@@ -11,13 +11,22 @@
 - **One process per run folder**: an exclusive ``flock`` on ``.t2tune.lock``, which the kernel
   releases when the holder exits however it exits (``kill -9`` too), so a lock file left
   behind by a dead process is never mistaken for a live run.
+- **No link is followed out of a folder**: files inside a folder t2tune did not just create
+  are opened with ``O_NOFOLLOW`` (:func:`open_inside`), replaced by rename (which replaces a
+  link, never its target), and names that become path components are checked to be plain
+  (:func:`plain_name`).
+
+Reading JSON that a user or another program wrote goes through :func:`parse_json`, so that a
+nesting bomb or a 5,000-digit number is a ``ValueError`` like any other malformed text.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import secrets
 import shutil
 import time
@@ -29,6 +38,95 @@ from .errors import UserError
 
 MARKER = ".t2tune"
 LOCK = ".t2tune.lock"
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}")
+
+
+def plain_name(name: str, what: str) -> str:
+    """``name`` when it can be one path component (letters, digits, ``_ . + -``, not starting
+    with a dot, at most 100 characters), else a UserError naming ``what``.
+
+    >>> plain_name("rte", "tasks")
+    'rte'
+    >>> plain_name("../x", "tasks")
+    Traceback (most recent call last):
+    ...
+    t2tune.errors.UserError: tasks: '../x' must be a plain name (letters, digits, _ . + -), as it names files
+    """
+    if not isinstance(name, str) or not PLAIN_NAME.fullmatch(name) or ".." in name:
+        shown = repr(name)[:60]
+        raise UserError(f"{what}: {shown} must be a plain name (letters, digits, _ . + -), as it names files")
+    return name
+
+
+def parse_json(text: str | bytes) -> Any:
+    """``json.loads`` whose every failure is a ``ValueError`` with a short reason: malformed
+    text, nesting too deep for the parser (RecursionError) or an integer past Python's digit
+    limit.
+
+    >>> parse_json('{"a": 1}')
+    {'a': 1}
+    >>> parse_json("[" * 100000)
+    Traceback (most recent call last):
+    ...
+    ValueError: nested too deeply
+    """
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    except ValueError as exc:
+        raise ValueError(str(exc).splitlines()[0][:200] if str(exc) else "malformed JSON") from None
+
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def open_inside(path: Path, mode: str = "r") -> IO[str]:
+    """Open a text file in a folder t2tune did not just create, never through a symbolic link
+    (``O_NOFOLLOW``): a link planted there is a UserError, and its target is untouched.
+    ``mode``: ``r``, ``a`` (append, created if missing) or ``a+`` (read and append)."""
+    flags = {"r": os.O_RDONLY, "a": os.O_WRONLY | os.O_APPEND | os.O_CREAT,
+             "a+": os.O_RDWR | os.O_APPEND | os.O_CREAT}[mode]
+    try:
+        fd = os.open(path, flags | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP or path.is_symlink():
+            raise UserError(f"{path} is a symbolic link; t2tune never follows links inside its folders "
+                            "(remove the link)") from None
+        raise
+    return os.fdopen(fd, mode, encoding="utf-8")
+
+
+def refuse_links(root: Path, entries: list[str], depth: dict[str, int]) -> None:
+    """Raise if any of ``entries`` below ``root`` is a symbolic link, or (for the names in
+    ``depth``) anything up to that many levels below it: writing there would land outside
+    ``root``. A run folder is checked so before anything is written into it."""
+    for name in entries:
+        path = root / name
+        if path.is_symlink():
+            raise UserError(f"{path} is a symbolic link; t2tune never follows links inside its folders "
+                            "(remove the link)")
+        levels = depth.get(name, 0)
+        stack = [(path, levels)] if levels and path.is_dir() else []
+        while stack:
+            folder, left = stack.pop()
+            with os.scandir(folder) as found:
+                for entry in found:
+                    if entry.is_symlink():
+                        raise UserError(f"{Path(entry.path)} is a symbolic link; t2tune never follows links "
+                                        "inside its folders (remove the link)")
+                    if left > 1 and entry.is_dir(follow_symlinks=False):
+                        stack.append((Path(entry.path), left - 1))
+
+
+def cache_dir() -> Path:
+    """t2tune's cache (dequantized GGUF models, the MFU peak): ``$T2TUNE_CACHE``, else
+    ``~/.cache/t2tune``; a path that exists and is no folder is a UserError naming the setting."""
+    given = os.environ.get("T2TUNE_CACHE")  # empty: unset
+    path = Path(given).expanduser() if given else Path.home() / ".cache" / "t2tune"
+    if path.exists() and not path.is_dir():
+        raise UserError(f"T2TUNE_CACHE: {path} is not a folder; point it at a folder (or unset it)")
+    return path
 
 
 def fsync_tree(folder: Path) -> None:
@@ -51,10 +149,27 @@ def atomic_file(path: Path, encoding: str = "utf-8") -> Iterator[IO[str]]:
     ('done', ['out.txt'])
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
     try:
-        with open(tmp, "w", encoding=encoding) as handle:
+        # a fresh name, created exclusively: a link planted at it is never followed
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o666)
+        with os.fdopen(fd, "w", encoding=encoding) as handle:
             yield handle
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` by a temporary file and a rename (a link at ``path`` is
+    replaced, its target untouched)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o666)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -94,10 +209,21 @@ def atomic_dir(final: Path, replace: bool = True) -> Iterator[Path]:
 def read_marker(folder: Path) -> dict[str, Any] | None:
     """The marker of a folder t2tune created, or None (no marker, or not one t2tune wrote)."""
     try:
-        marker = json.loads((folder / MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        with open_inside(folder / MARKER) as handle:
+            marker = parse_json(handle.read(1 << 20))
+    except (OSError, ValueError, UserError):  # missing, unreadable, a link, not JSON: not ours
         return None
-    return marker if isinstance(marker, dict) and isinstance(marker.get("kind"), str) else None
+    if not isinstance(marker, dict) or not isinstance(marker.get("kind"), str):
+        return None
+    files = marker.get("files")
+    if files is not None and not (isinstance(files, list) and all(_inside_name(f) for f in files)):
+        return None  # a list naming anything outside the folder was not written by t2tune
+    return marker
+
+
+def _inside_name(name: Any) -> bool:
+    """A relative path that stays inside its folder (no ``..``, not absolute)."""
+    return isinstance(name, str) and bool(name) and not Path(name).is_absolute() and ".." not in Path(name).parts
 
 
 def write_marker(folder: Path, kind: str, files: list[str] | None = None) -> None:
@@ -106,12 +232,15 @@ def write_marker(folder: Path, kind: str, files: list[str] | None = None) -> Non
     marker: dict[str, Any] = {"kind": kind, "t2tune": __version__}
     if files is not None:
         marker["files"] = files
-    (folder / MARKER).write_text(json.dumps(marker), encoding="utf-8")
+    path = folder / MARKER
+    if path.is_symlink():
+        raise UserError(f"{path} is a symbolic link; t2tune never follows links inside its folders (remove the link)")
+    atomic_bytes(path, json.dumps(marker).encode("utf-8"))
 
 
 def files_below(folder: Path) -> list[str]:
     """Every file below ``folder``, as sorted relative paths."""
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if not p.is_dir())
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_symlink() or not p.is_dir())
 
 
 def check_replaceable(folder: Path, kind: str, what: str, known_as: str | None = None) -> None:
@@ -154,6 +283,19 @@ def check_new_file(path: Path, what: str, ours: Callable[[Path], bool]) -> None:
                         "choose another path")
 
 
+def check_writable_parent(path: Path, what: str) -> None:
+    """Raise unless the folders above ``path`` exist as folders or can be made: none of them is
+    a file (checked before anything slow, so the write at the end cannot fail on it)."""
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"{what}: {parent} is a file, so {path} cannot be written below it; "
+                                "choose another path")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise UserError(f"{what}: {parent} is not writable; choose another path")
+            return
+
+
 def json_field(path: Path, key: str, first_line: bool = False) -> Any:
     """The value of ``key`` in the JSON object that ``path`` holds (with ``first_line``: that its
     first line holds), or None when there is none; at most 16 MiB is read.
@@ -164,13 +306,20 @@ def json_field(path: Path, key: str, first_line: bool = False) -> Any:
     >>> json_field(path, "prediction", first_line=True), json_field(path, "prediction")
     ('yes', None)
     """
+    value = json_object(path, first_line)
+    return None if value is None else value.get(key)
+
+
+def json_object(path: Path, first_line: bool = False) -> dict[str, Any] | None:
+    """The JSON object that ``path`` holds (with ``first_line``: that its first line holds), or
+    None when it holds none; at most 16 MiB is read."""
     try:
         with open(path, encoding="utf-8") as handle:
             text = handle.readline(16 << 20) if first_line else handle.read(16 << 20)
-        value = json.loads(text)
+        value = parse_json(text)
     except (OSError, ValueError):
         return None
-    return value.get(key) if isinstance(value, dict) else None
+    return value if isinstance(value, dict) else None
 
 
 def has_png_text(path: Path, keyword: str, value: str) -> bool:
@@ -185,6 +334,11 @@ def has_png_text(path: Path, keyword: str, value: str) -> bool:
 
 def move_aside(folder: Path) -> Path:
     """Rename ``folder`` to ``folder.old-TIMESTAMP`` (nothing is deleted) and return the new path."""
+    folder = folder.absolute()
+    here = Path.cwd()
+    if folder.resolve() == here.resolve() or folder.resolve() in here.resolve().parents:
+        raise UserError(f"out_dir: {folder} is the current folder or one above it, which cannot be moved aside; "
+                        "choose an out_dir below it")
     aside = folder.with_name(f"{folder.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
     while aside.exists():
         aside = aside.with_name(aside.name + "-1")
@@ -206,7 +360,7 @@ class FolderLock:
             import fcntl
         except ImportError:  # not POSIX: no lock, as before
             return self
-        handle = open(self.path, "a+", encoding="utf-8")
+        handle = open_inside(self.path, "a+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

@@ -25,32 +25,36 @@ def normalize_answer(text: str) -> str:
     return " ".join(_ARTICLES.sub(" ", text).split())
 
 
-def label_metrics(task: Task, predictions: Sequence[str], golds: Sequence[str]) -> dict[str, Any]:
-    """Accuracy (an invalid prediction counts as wrong), per-class precision/recall, confusion
-    matrix (rows: gold, columns: predicted, last column ``invalid``), F1 for binary tasks
-    (positive class = the second label, as GLUE's label 1), macro F1, and MCC when asked for."""
+def label_metrics(task: Task, predictions: Sequence[str | None], golds: Sequence[str]) -> dict[str, Any]:
+    """Accuracy (an invalid prediction, None, counts as wrong), per-class precision/recall,
+    confusion matrix (rows: gold, columns: predicted, last column invalid, named null), F1 for
+    binary tasks (positive class = the second label, as GLUE's label 1), macro F1, and MCC when
+    asked for. Labels are compared by their index, so no label word can stand for "invalid"."""
     from sklearn.metrics import confusion_matrix, f1_score, matthews_corrcoef, precision_recall_fscore_support
 
     labels = list(task.labels or ())
-    columns = labels + [INVALID]
+    index = {label: i for i, label in enumerate(labels)}
+    invalid = len(labels)  # the column of predictions that are no label
+    pred = [index.get(p, invalid) if p is not INVALID else invalid for p in predictions]
+    gold = [index.get(g, invalid) for g in golds]
     n = len(golds)
     out: dict[str, Any] = {
-        "accuracy": sum(p == g for p, g in zip(predictions, golds)) / n if n else 0.0,
-        "invalid": sum(p == INVALID for p in predictions),
+        "accuracy": sum(p == g for p, g in zip(pred, gold) if g != invalid) / n if n else 0.0,
+        "invalid": sum(p == invalid for p in pred),
     }
     if not n:
         return out
-    precision, recall, _, support = precision_recall_fscore_support(
-        golds, predictions, labels=labels, zero_division=0)
+    classes = list(range(len(labels)))
+    precision, recall, _, support = precision_recall_fscore_support(gold, pred, labels=classes, zero_division=0)
     out["per_class"] = {lab: {"precision": float(p), "recall": float(r), "support": int(s)}
                         for lab, p, r, s in zip(labels, precision, recall, support)}
-    out["macro_f1"] = float(f1_score(golds, predictions, labels=labels, average="macro", zero_division=0))
+    out["macro_f1"] = float(f1_score(gold, pred, labels=classes, average="macro", zero_division=0))
     if len(labels) == 2:
-        out["f1"] = float(f1_score(golds, predictions, labels=[labels[1]], average=None, zero_division=0)[0])
+        out["f1"] = float(f1_score(gold, pred, labels=[1], average=None, zero_division=0)[0])
     if "mcc" in task.extra_metrics:
-        out["mcc"] = float(matthews_corrcoef(golds, predictions))
-    matrix = confusion_matrix(golds, predictions, labels=columns)
-    out["confusion"] = {"labels": columns, "matrix": matrix[:len(labels)].tolist()}
+        out["mcc"] = float(matthews_corrcoef(gold, pred))
+    matrix = confusion_matrix(gold, pred, labels=[*classes, invalid])
+    out["confusion"] = {"labels": [*labels, INVALID], "matrix": matrix[:len(labels)].tolist()}
     return out
 
 

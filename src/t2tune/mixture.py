@@ -42,8 +42,13 @@ def mixing_rates(sizes: dict[str, int], rule: str = "proportional", cap: int | N
     if rule == "weights":
         raw = {name: float((weights or {}).get(name, 1.0)) for name in sizes}
     else:
-        power = 1.0 if rule == "proportional" else 1.0 / temperature
-        raw = {name: float(min(n, cap) if cap else n) ** power for name, n in sizes.items()}
+        counted = {name: float(min(n, cap) if cap else n) for name, n in sizes.items()}
+        if rule == "proportional" or temperature == 1:
+            raw = counted
+        else:  # n ** (1 / T) in log space, relative to the largest task: it overflows for a small T
+            logs = {name: math.log(max(n, 1.0)) / temperature for name, n in counted.items()}
+            top = max(logs.values())
+            raw = {name: math.exp(value - top) for name, value in logs.items()}
     total = sum(raw.values())
     return {name: value / total for name, value in raw.items()}
 

@@ -9,7 +9,6 @@ import dataclasses
 import hashlib
 import importlib.util
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ import torch
 
 from .checkpoint import weights_folder
 from .errors import UserError
-from .files import atomic_dir
+from .files import atomic_dir, cache_dir, parse_json
 
 GPTJ_HUB_ID = "EleutherAI/gpt-j-6B"
 GPTJ_VOCAB = 50400  # the model's embedding rows: 50257 BPE tokens + 143 <|extratoken_N|>
@@ -110,10 +109,6 @@ def detach_gguf_quantizer(model: Any) -> None:
         del model.config.quantization_config
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("T2TUNE_CACHE") or Path.home() / ".cache" / "t2tune")  # empty: unset
-
-
 def gguf_as_folder(gguf: Path, cfg: Any) -> Path:
     """Dequantize a GGUF file once into a Hugging Face folder in the cache (reading GGUF takes
     ~20 s on 2 cores; the folder loads in ~1 s). The key covers the file's path, size and mtime."""
@@ -122,7 +117,13 @@ def gguf_as_folder(gguf: Path, cfg: Any) -> Path:
     folder = cache_dir() / "gguf" / f"{gguf.stem}-{key}"
     if (folder / "config.json").is_file():
         return folder
-    loaded = _from_pretrained(str(gguf.parent), cfg, torch.float32, gguf_file=gguf.name)
+    try:
+        loaded = _from_pretrained(str(gguf.parent), cfg, torch.float32, gguf_file=gguf.name)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 (the GGUF reader fails on a garbage or cut file in many ways)
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        raise UserError(f"{gguf}: not a readable GGUF model ({type(exc).__name__}: {reason})") from None
     detach_gguf_quantizer(loaded.model)
     with atomic_dir(folder, replace=False) as tmp:  # a process that got there first wins
         loaded.model.save_pretrained(tmp)
@@ -215,7 +216,7 @@ def _load_adapter(path: Path, cfg: Any, dtype: torch.dtype) -> Loaded:
 
     meta_file = path / "adapter_config.json"
     try:
-        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        meta = parse_json(meta_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise UserError(f"{meta_file}: unreadable ({exc})") from None
     base_name = meta.get("base_model_name_or_path") if isinstance(meta, dict) else None

@@ -44,7 +44,7 @@ from .config import DataConfig, EvalConfig, RunConfig, batch_size_problem, dump_
 from .data import load_examples, with_hub_defaults
 from .engines import cpu_only, fill_deepspeed_config, is_sharded, process_state
 from .errors import ConfigError, UserError, say
-from .evaluation import EvalResult, evaluate
+from .evaluation import EvalResult, check_fits, evaluate
 from .files import atomic_file
 from .guards import GateReport, check_packing, gate_export, last_token_logits
 from .loss import LossModule
@@ -58,6 +58,7 @@ from .tasks import Task, get_task
 from .tokenize import encode_for_training, encode_prompts
 from .training import (
     Engine,
+    Interrupted,
     Schedule,
     StepResult,
     StopRequest,
@@ -153,6 +154,8 @@ def prepare(cfg: RunConfig, *, overwrite: bool = False, task: Task | None = None
     elif accelerator.gradient_accumulation_steps != accumulation:
         raise ConfigError(f"the accelerator given accumulates {accelerator.gradient_accumulation_steps} micro-batches "
                           f"per step; train.global_batch_size / (train.micro_batch_size × processes) = {accumulation}")
+    for member in members:  # before training: a validation that cannot run is refused now
+        check_fits(model, tokenizer, member.task, member.eval_config)
     set_seed(t.seed)  # before LoRA's adapters are initialised
     model = prepare_for_training(model, t, cfg.lora, base_name or cfg.model.name)
     encoded, dropped = [], 0
@@ -275,7 +278,12 @@ def _load_data(data: Any, member: Member, limit: int | None) -> tuple[list[Row],
     split, hub_config = with_hub_defaults(task, train_src, data.train_split, data.hub_config)
     rows = load_examples(task, train_src, split, hub_config)
     split, hub_config = with_hub_defaults(task, val_src, data.validation_split, data.hub_config)
-    return rows, load_examples(task, val_src, split, hub_config, limit=limit)
+    val_rows = load_examples(task, val_src, split, hub_config, limit=limit)
+    train_file = rows[0].get("_where", "").rsplit(":", 1)[0] if rows else None
+    if val_rows and val_rows[0].get("_where", "").rsplit(":", 1)[0] == train_file:
+        say(f"warning: {key}.validation: validating on the training file {train_file}, so validation numbers "
+            f"will be optimistic; give {key}.validation a file or folder of held-out rows")
+    return rows, val_rows
 
 
 class Session(Protocol):
@@ -314,9 +322,13 @@ def fit(run: Session, state: TrainState, schedule: Schedule, stop: StopRequest) 
         run.progress(result, seconds)
         if schedule.logs(step):
             run.log(result, seconds)
-        improved = run.validate() if schedule.validates(step) else False
-        if improved or schedule.checkpoints(step):
-            run.checkpoint()
+        try:
+            with stop.interruptible():  # a signal here stops at once; the stop then checkpoints
+                improved = run.validate() if schedule.validates(step) else False
+                if improved or schedule.checkpoints(step):
+                    run.checkpoint()
+        except Interrupted:
+            return "signal"
         if schedule.out_of_patience(state.stale):
             return "patience"
 
@@ -392,7 +404,7 @@ class Run:
         total = None if self.cfg.train.steps == "auto" else self.cfg.train.steps
         self.bar = tqdm(total=total, initial=self.state.optimizer_step, disable=not self.main,
                         unit="step", dynamic_ncols=True)
-        with StopRequest() as stop:
+        with StopRequest(immediate=self.accelerator.num_processes == 1) as stop:
             stopped = fit(self, self.state, self.schedule, stop)
             self.bar.close()
             self.bar = None
@@ -667,6 +679,7 @@ class Run:
             return False
         step, path = found[-1]
         state, opt, rng = read_checkpoint(path)
+        self._check_resumable(TrainState.from_dict(state), path, [n for n, _ in found])
         if path.engine.is_dir():  # sharded model + optimizer, every process reads its part
             self.accelerator.load_state(str(path.engine))
         elif "optimizer" in opt:
@@ -680,6 +693,18 @@ class Run:
         self.state = TrainState.from_dict(state)
         self.log_file.trim_after(step)
         return True
+
+    def _check_resumable(self, state: TrainState, path: Any, steps: list[int]) -> None:
+        """What ``read_checkpoint`` cannot know: the data position lies inside its epoch's rows
+        of this run, and the best step's checkpoint is there to export."""
+        rows = len(self.rows_of(state.epoch))
+        if not state.row_in_epoch < rows:
+            raise UserError(f"{path.state}: corrupt checkpoint (data position {state.row_in_epoch} of epoch "
+                            f"{state.epoch}, which has {rows} rows); delete it to resume from an older one")
+        best = state.best.get("step") if state.best else None
+        if best is not None and best not in steps and self.cfg.export.from_ == "best":
+            raise UserError(f"{path.state}: the best step {best} has no checkpoint in {self.folder.checkpoints_root} "
+                            "to export; restore it, or set export.from=last")
 
     def _why(self, shown: dict[str, Any]) -> str:
         """The model card's line on which step was exported and why."""

@@ -12,7 +12,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from . import __version__
 from .errors import say
-from .files import atomic_file, has_png_text
+from .files import atomic_bytes, atomic_file, has_png_text, open_inside, parse_json
 from .tasks import Task
 
 
@@ -34,7 +34,7 @@ class MetricsLog:
 
     def write(self, event: dict[str, Any]) -> None:
         if self.enabled:
-            with open(self.path, "a", encoding="utf-8") as handle:
+            with open_inside(self.path, "a") as handle:
                 handle.write(json.dumps(event) + "\n")
             if self.trackers is not None:
                 self.trackers.log(event)
@@ -124,8 +124,8 @@ class Trackers:
 
 def _step_of(line: str) -> int:
     try:
-        return int(json.loads(line).get("step", 0))
-    except (ValueError, AttributeError):
+        return int(parse_json(line).get("step", 0))
+    except (ValueError, AttributeError, TypeError):
         return 0
 
 
@@ -135,9 +135,11 @@ def read_events(path: Path) -> list[dict[str, Any]]:
     events = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
-            events.append(json.loads(line))
+            event = parse_json(line)
         except ValueError:
             continue
+        if isinstance(event, dict):
+            events.append(event)
     return events
 
 
@@ -156,8 +158,13 @@ PNG_SOFTWARE = "t2tune"  # the PNG text chunk by which t2tune knows its own plot
 
 
 def _save(fig: Any, path: Path) -> None:
-    fig.savefig(path, dpi=100, metadata={"Software": f"{PNG_SOFTWARE} {__version__}"})
+    """Save ``fig`` as a PNG tagged as t2tune's, by rename (a link at ``path`` is replaced, not followed)."""
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, metadata={"Software": f"{PNG_SOFTWARE} {__version__}"})
     _pyplot().close(fig)
+    atomic_bytes(path, buffer.getvalue())
 
 
 def is_t2tune_plot(path: Path) -> bool:
@@ -196,7 +203,8 @@ def plot_confusion(metrics: dict[str, Any], path: Path) -> bool:
     if not confusion:
         return False
     plt = _pyplot()
-    columns, matrix = confusion["labels"], confusion["matrix"]
+    columns = [name if name is not None else "(invalid)" for name in confusion["labels"]]
+    matrix = confusion["matrix"]
     fig, ax = plt.subplots(figsize=(1.4 * len(columns) + 2, 1.2 * len(matrix) + 1.5))
     ax.imshow(matrix, cmap="Blues")
     ax.set_xticks(range(len(columns)), columns, rotation=30, ha="right")

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from .files import atomic_file
+from .files import atomic_file, parse_json
 from .packing import PackedRow
 
 
@@ -132,12 +132,12 @@ def peak_tflops(device: torch.device, dtype: torch.dtype, given: float | None = 
     """The peak MFU is measured against, and where it came from (``given``, ``cached``, ``measured``)."""
     if given is not None:
         return given, "train.peak_tflops"
-    from .models import cache_dir
+    from .files import cache_dir
 
     path = cache_dir() / "peak_tflops.json"
     key = machine(device, dtype)
     try:
-        known = json.loads(path.read_text(encoding="utf-8"))
+        known = parse_json(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         known = {}
     if isinstance(known, dict) and isinstance(known.get(key), (int, float)):

@@ -27,7 +27,8 @@ from typing import Any
 from .config import read_yaml, short
 from .errors import ConfigError
 
-INVALID = "invalid"
+# A generation that is no label word. None, not a string: no label a user writes can equal it.
+INVALID = None
 PLACEHOLDER = re.compile(r"{(\w+)}")
 
 
@@ -79,8 +80,9 @@ class Task:
             return list(row["references"])
         return [self.target_text(row)]
 
-    def postprocess(self, generated: str, eos: str | None) -> str:
-        """Generated text → answer. As the reference: cut at EOS, strip; labels must match exactly."""
+    def postprocess(self, generated: str, eos: str | None) -> str | None:
+        """Generated text → answer. As the reference: cut at EOS, strip; labels must match
+        exactly, and text that is no label word is :data:`INVALID` (None)."""
         if self.custom_postprocess is not None:
             return self.custom_postprocess(generated)
         text = generated.split(eos, 1)[0] if eos else generated
@@ -237,6 +239,23 @@ def template_problems(key: str, template: Any) -> list[str]:
     return problems
 
 
+def label_problems(labels: list[str]) -> list[str]:
+    """Label words that could only give wrong results: one given twice, or one with white space
+    around it (generated answers are stripped, so it could never match).
+
+    >>> label_problems(["yes", "no", "yes", " maybe"])
+    ["'labels': 'yes' is given twice", "'labels': ' maybe' has white space around it, which answers never have"]
+    """
+    seen: set[str] = set()
+    problems = []
+    for x in labels:
+        if x in seen:
+            problems.append(f"'labels': {short(x)} is given twice")
+        seen.add(x)
+    return problems + [f"'labels': {short(x)} has white space around it, which answers never have"
+                       for x in labels if x != x.strip()]
+
+
 TASK_KEYS = {"name", "prompt", "target", "labels", "metric", "extra_metrics", "aliases", "truncate_field",
              "description"}
 
@@ -252,10 +271,16 @@ def load_task_file(path: Path) -> Task:
     if not errors and not PLACEHOLDER.search(spec["prompt"]):
         errors.append("'prompt' must hold {column} placeholders")
     errors += template_problems("target", spec.get("target", "{label}"))
+    if not errors:  # the prompt must not hand the model its answer
+        answer = set(PLACEHOLDER.findall(spec.get("target", "{label}")))
+        errors += [f"'prompt' holds {{{name}}}, which is the target: the model would read its answer"
+                   for name in sorted(set(PLACEHOLDER.findall(spec["prompt"])) & answer)]
     labels = spec.get("labels")
     if labels is not None and (not isinstance(labels, list) or len(labels) < 2
                                or not all(isinstance(x, str) and x.strip() for x in labels)):
         errors.append("'labels' must be a list of at least two non-empty strings")
+    elif labels is not None:
+        errors += label_problems(labels)
     metric = spec.get("metric", "accuracy" if labels else "squad")
     if metric not in ("accuracy", "squad", "entities"):
         errors.append(f"'metric' must be accuracy, squad or entities, got {short(metric)}")

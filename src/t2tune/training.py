@@ -12,9 +12,10 @@ processes follow the same curve.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -143,6 +144,8 @@ def next_positions(rows_in: Callable[[int], int], state: TrainState, size: int, 
     picked: list[tuple[int, int]] = []
     while len(picked) < size:
         n_rows = rows_in(state.epoch)
+        if n_rows <= 0 or not 0 <= state.row_in_epoch < n_rows:  # (would never advance)
+            raise ValueError(f"data position {state.row_in_epoch} is outside epoch {state.epoch}'s {n_rows} rows")
         order = epoch_order(n_rows, seed, state.epoch)
         take = order[state.row_in_epoch:state.row_in_epoch + size - len(picked)]
         picked.extend((state.epoch, index) for index in take)
@@ -239,12 +242,23 @@ class Schedule:
         return bool(self.checkpoint_every) and step % self.checkpoint_every == 0 and step < self.steps
 
 
-class StopRequest:
-    """Turns SIGINT/SIGTERM into a flag the loop checks between steps (then checkpoints, exits)."""
+class Interrupted(KeyboardInterrupt):
+    """SIGINT/SIGTERM inside an interruptible part of the loop (validation, a checkpoint)."""
 
-    def __init__(self) -> None:
+
+class StopRequest:
+    """SIGINT/SIGTERM while the loop runs. During a step and its bookkeeping a signal is a flag
+    the loop reads when the step is done (it then checkpoints and stops): a step cut in half
+    would leave the optimizer and the counters out of step. Inside :meth:`interruptible` parts
+    (validation, writing a checkpoint: each can take minutes, and atomic writes leave nothing
+    half-written) it raises :class:`Interrupted` at once, which the loop turns into the same
+    stop. With several processes every signal is a flag (the others would wait forever in a
+    collective). A second signal raises KeyboardInterrupt at once."""
+
+    def __init__(self, immediate: bool = True) -> None:
         self.signal: int | None = None
         self._old: dict[int, Any] = {}
+        self._immediate, self._open = immediate, False
 
     def __enter__(self) -> StopRequest:
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -254,10 +268,20 @@ class StopRequest:
                 pass
         return self
 
+    @contextlib.contextmanager
+    def interruptible(self) -> Iterator[None]:
+        self._open = self._immediate
+        try:
+            yield
+        finally:
+            self._open = False
+
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signal is not None:  # a second Ctrl-C stops at once
             raise KeyboardInterrupt
         self.signal = signum
+        if self._open:
+            raise Interrupted(f"stopped by signal {signum}")
 
     def __exit__(self, *exc: Any) -> None:
         for sig, old in self._old.items():
