@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from .config import short
 from .errors import UserError
 from .files import (
     LOCK,
@@ -389,13 +390,8 @@ def _range_problem(state: dict[str, Any], step: StepFolder) -> str | None:
         at = state.get(key, {}).get("step") if state.get(key) else None
         if state.get(key) and (not isinstance(at, int) or isinstance(at, bool) or not 0 <= at <= state.get(
                 "optimizer_step", 0)):
-            return f"state.json: '{key}' names step {short_text(at)}, which this checkpoint has not reached"
+            return f"state.json: '{key}' names step {short(at, 40)}, which this checkpoint has not reached"
     return None
-
-
-def short_text(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _shape_problem(state: Any, opt: Any, rng: Any) -> str | None:

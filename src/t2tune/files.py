@@ -91,10 +91,13 @@ def open_inside(path: Path, mode: str = "r") -> IO[str]:
         fd = os.open(path, flags | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644)
     except OSError as exc:
         if exc.errno == errno.ELOOP or path.is_symlink():
-            raise UserError(f"{path} is a symbolic link; t2tune never follows links inside its folders "
-                            "(remove the link)") from None
+            raise _link_error(path) from None
         raise
     return os.fdopen(fd, mode, encoding="utf-8")
+
+
+def _link_error(path: Path) -> UserError:
+    return UserError(f"{path} is a symbolic link; t2tune never follows links inside its folders (remove the link)")
 
 
 def refuse_links(root: Path, entries: list[str], depth: dict[str, int]) -> None:
@@ -104,8 +107,7 @@ def refuse_links(root: Path, entries: list[str], depth: dict[str, int]) -> None:
     for name in entries:
         path = root / name
         if path.is_symlink():
-            raise UserError(f"{path} is a symbolic link; t2tune never follows links inside its folders "
-                            "(remove the link)")
+            raise _link_error(path)
         levels = depth.get(name, 0)
         stack = [(path, levels)] if levels and path.is_dir() else []
         while stack:
@@ -113,8 +115,7 @@ def refuse_links(root: Path, entries: list[str], depth: dict[str, int]) -> None:
             with os.scandir(folder) as found:
                 for entry in found:
                     if entry.is_symlink():
-                        raise UserError(f"{Path(entry.path)} is a symbolic link; t2tune never follows links "
-                                        "inside its folders (remove the link)")
+                        raise _link_error(Path(entry.path))
                     if left > 1 and entry.is_dir(follow_symlinks=False):
                         stack.append((Path(entry.path), left - 1))
 
@@ -138,8 +139,9 @@ def fsync_tree(folder: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_file(path: Path, encoding: str = "utf-8") -> Iterator[IO[str]]:
-    """Write a text file under a temporary name beside ``path``, renamed over it on success.
+def atomic_file(path: Path, encoding: str | None = "utf-8") -> Iterator[IO[Any]]:
+    """Write a text file (``encoding=None``: a binary one) under a temporary name beside
+    ``path``, renamed over it on success.
 
     >>> import tempfile, pathlib
     >>> target = pathlib.Path(tempfile.mkdtemp()) / "out.txt"
@@ -148,12 +150,13 @@ def atomic_file(path: Path, encoding: str = "utf-8") -> Iterator[IO[str]]:
     >>> target.read_text(), [p.name for p in target.parent.iterdir()]
     ('done', ['out.txt'])
     """
+    mode = "w" if encoding else "wb"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
     try:
         # a fresh name, created exclusively: a link planted at it is never followed
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o666)
-        with os.fdopen(fd, "w", encoding=encoding) as handle:
+        with os.fdopen(fd, mode, encoding=encoding) as handle:
             yield handle
         os.replace(tmp, path)
     except BaseException:
@@ -162,18 +165,10 @@ def atomic_file(path: Path, encoding: str = "utf-8") -> Iterator[IO[str]]:
 
 
 def atomic_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` by a temporary file and a rename (a link at ``path`` is
-    replaced, its target untouched)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o666)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write ``data`` to ``path`` by :func:`atomic_file` (a link at ``path`` is replaced, its
+    target untouched)."""
+    with atomic_file(path, encoding=None) as handle:
+        handle.write(data)
 
 
 @contextlib.contextmanager
@@ -234,7 +229,7 @@ def write_marker(folder: Path, kind: str, files: list[str] | None = None) -> Non
         marker["files"] = files
     path = folder / MARKER
     if path.is_symlink():
-        raise UserError(f"{path} is a symbolic link; t2tune never follows links inside its folders (remove the link)")
+        raise _link_error(path)
     atomic_bytes(path, json.dumps(marker).encode("utf-8"))
 
 
