@@ -8,7 +8,7 @@ CONFIG ?= configs/mnli-smollm2-cpu.yaml
 DATA ?=
 ARGS ?=
 
-.PHONY: setup demo test bench-train bench-eval bench-quality gpu-check clean
+.PHONY: setup demo test bench-train bench-eval bench-quality bench-gptj6b gpu-check clean
 
 setup: $(STAMP)
 
@@ -39,6 +39,9 @@ bench-eval: $(STAMP)
 
 bench-quality: $(STAMP)
 	$(BIN)/python benchmarks/bench_quality.py
+
+bench-gptj6b: $(STAMP)  # ~1 h on 2 cores; ~40 GB under runs/gptj6b-cpu
+	$(BIN)/python benchmarks/gptj6b_cpu.py --steps 3
 
 gpu-check:
 	python3 benchmarks/gpu_check.py

@@ -29,8 +29,8 @@ from t2tune.data import load_examples  # noqa: E402
 from t2tune.errors import UserError  # noqa: E402
 from t2tune.evaluation import evaluate  # noqa: E402
 from t2tune.files import check_new_file, json_field  # noqa: E402
-from t2tune.loss import precision_context  # noqa: E402
 from t2tune.models import load_model  # noqa: E402
+from t2tune.precision import precision_context  # noqa: E402
 from t2tune.runtime import keep_freed_memory  # noqa: E402
 from t2tune.tasks import get_task  # noqa: E402
 

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from t2tune.checkpoint import export
 from t2tune.config import ModelConfig
 from t2tune.data import load_examples
+from t2tune.export import export
 from t2tune.guards import gate_export, last_token_logits
 from t2tune.models import load_model
 from t2tune.tasks import get_task

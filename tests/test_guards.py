@@ -6,7 +6,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from t2tune import checkpoint
+from t2tune import export
 from t2tune.checkpoint import RunFolder, save_hf
 from t2tune.errors import ConfigError, UserError
 from t2tune.guards import gate_export, last_token_logits, packing_drift
@@ -62,14 +62,14 @@ def test_the_export_gate_passes_and_catches_a_changed_weight(tiny, tmp_path):
 
 
 def test_a_failed_gate_writes_no_export_and_keeps_the_checkpoints(tmp_path, mnli_dir, monkeypatch):
-    real = checkpoint.save_hf
+    real = export.write_safetensors
 
-    def corrupting(model, tokenizer, folder, state_dict=None):
-        state = {k: v.clone() for k, v in (state_dict or model.state_dict()).items()}
-        state["lm_head.weight"] += 0.5  # a merge or cast that silently changed the weights
-        real(model, tokenizer, folder, state_dict=state)
+    def corrupting(folder, tensors, **kw):
+        like, make = tensors["lm_head.weight"]
+        tensors["lm_head.weight"] = (like, lambda: make() + 0.5)  # a merge or cast that silently changed the weights
+        return real(folder, tensors, **kw)
 
-    monkeypatch.setattr(checkpoint, "save_hf", corrupting)
+    monkeypatch.setattr(export, "write_safetensors", corrupting)
     with pytest.raises(UserError, match="export gate failed.*the checkpoints are kept"):
         train(tiny_config(tmp_path / "run", mnli_dir, **{"train.steps": 2, "checkpoint.every": 0}))
     folder = RunFolder(tmp_path / "run")

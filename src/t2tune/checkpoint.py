@@ -1,6 +1,6 @@
 """The run folder and everything written into it: its layout (one object, :class:`RunFolder`),
-step checkpoints that survive crashes, their rotation, loading them back, and the Hugging Face
-export.
+step checkpoints that survive crashes, their rotation, and loading them back (the Hugging Face
+export is :mod:`t2tune.export`).
 
 Layout of an ``out_dir`` (no other module spells these names)::
 
@@ -25,7 +25,6 @@ import os
 import random
 import re
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +39,6 @@ from .files import (
     FolderLock,
     atomic_dir,
     check_replaceable,
-    files_below,
     move_aside,
     open_inside,
     parse_json,
@@ -259,15 +257,20 @@ def weights_folder(path: Path) -> Path:
 
 def save_hf(model: Any, tokenizer: Any, folder: Path, state_dict: dict[str, Any] | None = None) -> None:
     """save_pretrained for model, tokenizer and generation config, into ``folder``."""
-    gen = getattr(model, "generation_config", None)
-    if gen is not None:
-        gen.eos_token_id = tokenizer.eos_token_id
-        gen.pad_token_id = tokenizer.pad_token_id
+    set_generation_ids(model, tokenizer)
     if hasattr(model, "peft_config"):  # adapter only; the base model is known by name
         model.save_pretrained(folder, state_dict=state_dict, save_embedding_layers=False)
     else:
         model.save_pretrained(folder, state_dict=state_dict)
     tokenizer.save_pretrained(folder)
+
+
+def set_generation_ids(model: Any, tokenizer: Any) -> None:
+    """The generation config's eos / pad ids, from the tokenizer (what generate() will stop on)."""
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        gen.eos_token_id = tokenizer.eos_token_id
+        gen.pad_token_id = tokenizer.pad_token_id
 
 
 def rng_state() -> dict[str, Any]:
@@ -407,64 +410,3 @@ def _shape_problem(state: Any, opt: Any, rng: Any) -> str | None:
     if not isinstance(rng, dict) or not all(isinstance(rng.get(k), torch.Tensor) for k in ("torch", "python")):
         return "rng.pt holds no torch and Python RNG state"
     return None
-
-
-# --- export --------------------------------------------------------------------------------
-
-def _save_merged(peft_model: Any, tokenizer: Any, folder: Path, weights: dict[str, Any] | None = None) -> None:
-    """Save base weights with the adapters merged in, leaving the peft model as it was
-    (merge, copy the state without LoRA tensors, unmerge): no second copy of the model.
-    With gathered ``weights`` (a sharded engine), they are merged by the LoRA formula instead."""
-    if weights is not None:
-        save_hf(peft_model.get_base_model(), tokenizer, folder, state_dict=merge_lora_weights(peft_model, weights))
-        return
-    peft_model.merge_adapter()
-    try:
-        base = peft_model.get_base_model()
-        merged = {k.replace(".base_layer.", "."): v for k, v in base.state_dict().items() if "lora_" not in k}
-        save_hf(base, tokenizer, folder, state_dict=merged)
-    finally:
-        peft_model.unmerge_adapter()
-
-
-def merge_lora_weights(peft_model: Any, weights: dict[str, Any]) -> dict[str, Any]:
-    """Base weights with every LoRA pair merged in (W + scale · B @ A), from a full peft state
-    dict such as a sharded engine gathers; keys as the base model names them."""
-    prefix = "base_model.model."
-    merged: dict[str, Any] = {}
-    for key, value in weights.items():
-        if "lora_" in key:
-            continue
-        name = key.removeprefix(prefix).replace(".base_layer.", ".")
-        merged[name] = value
-        if ".base_layer.weight" in key:
-            module = key.removeprefix(prefix).removesuffix(".base_layer.weight")
-            layer = peft_model.get_submodule(module)
-            a = weights[f"{prefix}{module}.lora_A.default.weight"]
-            b = weights[f"{prefix}{module}.lora_B.default.weight"]
-            merged[name] = (value.float() + layer.scaling["default"] * (b.float() @ a.float())).to(value.dtype)
-    return merged
-
-
-def export(model: Any, tokenizer: Any, out: Path, merge: bool = True, card: str | Callable[[Any], str] | None = None,
-           what: str = "export", weights: dict[str, Any] | None = None,
-           check: Callable[[Path], Any] | None = None) -> Any:
-    """Write a Hugging Face folder atomically; peft adapters are merged unless ``merge`` is False.
-    ``weights`` are full weights gathered from a sharded engine (the model object holds only a
-    shard). ``check(folder)`` inspects the written folder before it is renamed into place (the
-    export gate): if it raises, nothing is written; what it returns goes to ``card`` when that
-    is a function, and is returned. An existing ``out`` is replaced only when it is empty or a t2tune export
-    holding nothing but what t2tune wrote (``what`` names the setting in the refusal)."""
-    check_export_target(out, what)
-    with atomic_dir(out) as tmp:
-        if merge and hasattr(model, "peft_config"):
-            _save_merged(model, tokenizer, tmp, weights)
-        else:
-            save_hf(model, tokenizer, tmp, state_dict=weights)
-        report = check(tmp) if check is not None else None
-        if callable(card):
-            card = card(report)
-        if card is not None:
-            (tmp / "README.md").write_text(card, encoding="utf-8")
-        write_marker(tmp, "export", files_below(tmp))
-    return report

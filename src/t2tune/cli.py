@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import json
 import signal
@@ -135,8 +136,8 @@ def cmd_evaluate(args: argparse.Namespace, predict: bool = False) -> int:
     _check_outputs(args)
     processes = process_state()  # under accelerate launch, every process takes a share of the rows
     task = get_task(args.task)
-    loaded = load_model(ModelConfig(name=args.model, attn_implementation=args.attn,
-                                    trust_remote_code=args.trust_remote_code))
+    loaded = load_model(ModelConfig(name=args.model, dtype=args.dtype, compute_dtype=args.compute_dtype,
+                                    attn_implementation=args.attn, trust_remote_code=args.trust_remote_code))
     source = args.input if predict else args.data
     split, hub_config = with_hub_defaults(task, source, args.split, args.hub_config)
     rows = load_examples(task, source, split, hub_config, limit=args.limit, need_target=not predict)
@@ -172,8 +173,9 @@ def _report(args: argparse.Namespace, task: Any, result: Any, predict: bool) -> 
 # --- export / tasks ------------------------------------------------------------------------
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .checkpoint import StepFolder, export, read_checkpoint
+    from .checkpoint import StepFolder, read_checkpoint
     from .config import ModelConfig, load_config
+    from .export import export
     from .models import load_model
     from .report import model_card
     from .tasks import get_task
@@ -182,11 +184,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     src = StepFolder(Path(args.checkpoint))
     if not src.model.is_dir() and not (src.path / "config.json").is_file():
         raise UserError(f"{src.path}: not a t2tune checkpoint (expected {src.model}/) or Hugging Face folder")
-    loaded = load_model(ModelConfig(name=str(src.path)))
     card = None
     run = src.run
-    if run is not None and run.config.is_file():
-        cfg = load_config(run.config)
+    cfg = load_config(run.config) if run is not None and run.config.is_file() else None
+    # the run's weights dtype: a bf16 run of GPT-J 6B must not be loaded back in fp32 (24 GB)
+    model = ModelConfig(name=str(src.path)) if cfg is None else dataclasses.replace(cfg.model, name=str(src.path))
+    loaded = load_model(model)
+    if cfg is not None:
         # read_checkpoint checks state.json's shape and ranges, as a resume does
         state = TrainState.from_dict(read_checkpoint(src)[0]) if src.state.is_file() else TrainState()
         card = model_card(cfg, get_task(cfg.task), cfg.model.name, state, {})
@@ -245,6 +249,10 @@ def _eval_args(p: argparse.ArgumentParser, predict: bool) -> None:
                    default=defaults.entity_parsing, help="cut-off entity lists: keep the well-formed entities or none")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--attn", default="sdpa", help="attention implementation (eager, sdpa)")
+    p.add_argument("--dtype", choices=sorted(CHOICES["model.dtype"]), default="float32",
+                   help="model.dtype: the weights' dtype in memory")
+    p.add_argument("--compute-dtype", choices=sorted(CHOICES["model.compute_dtype"]), default=None,
+                   help="model.compute_dtype: compute in fp32 over bf16 weights (CPUs without bf16 units)")
     p.add_argument("--trust-remote-code", action="store_true")
 
 

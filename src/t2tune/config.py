@@ -29,6 +29,9 @@ class ModelConfig:
     name: str = "smollm2-135m"  # hub id, local HF folder, .gguf file or alias (see `t2tune models`)
     revision: str | None = None  # hub revision, e.g. "float16" for GPT-J
     dtype: str = "float32"  # weights dtype: float32 | bfloat16 | float16
+    # the dtype layers compute in, when wider than the weights: float32 over bfloat16 weights
+    # keeps 2 bytes a weight and fp32 speed on CPUs without bf16 matrix units (precision.py)
+    compute_dtype: str | None = None
     attn_implementation: str = "sdpa"  # eager | sdpa (others if installed)
     trust_remote_code: bool = False  # never on unless the user asks
 
@@ -187,6 +190,7 @@ def _spelled(name: str) -> str:
 
 CHOICES = {
     "model.dtype": {"float32", "bfloat16", "float16"},
+    "model.compute_dtype": {"float32"},
     "train.schedule": {"constant", "linear", "cosine"},
     "train.precision": {"fp32", "bf16"},
     "eval.precision": {"fp32", "bf16", "bf16-checked"},
@@ -419,7 +423,7 @@ def _check_values(cfg: RunConfig) -> list[str]:
     for key, allowed in CHOICES.items():
         if (key, get_key(cfg, key)) in MOVED:
             errors.append(f"{key}: {short(get_key(cfg, key))} was split: {MOVED[key, get_key(cfg, key)]}")
-        elif get_key(cfg, key) not in allowed:
+        elif get_key(cfg, key) is not None and get_key(cfg, key) not in allowed:  # null: typed Optional
             errors.append(f"{key}: must be one of {', '.join(sorted(allowed))}, got {short(get_key(cfg, key))}")
     for key, allowed in RANGES.items():
         value = get_key(cfg, key)
@@ -465,6 +469,11 @@ def _check_values(cfg: RunConfig) -> list[str]:
     unknown = [name for name in cfg.log.to if name not in TRACKERS]
     if unknown:
         errors.append(f"log.to: {short(unknown[0])} is not a tracker t2tune knows; choose from {', '.join(TRACKERS)}")
+    if cfg.model.compute_dtype is not None:  # autocast would take the widened matmuls back to bf16
+        for key in ("train.precision", "eval.precision"):
+            if get_key(cfg, key) != "fp32":
+                errors.append(f"{key}: {get_key(cfg, key)} autocasts to bf16, but model.compute_dtype: "
+                              f"{cfg.model.compute_dtype} asks for fp32 compute; set {key}=fp32, or drop model.compute_dtype")
     return errors
 
 

@@ -35,9 +35,9 @@ from .config import EvalConfig
 from .data import public_fields
 from .engines import is_sharded
 from .errors import ConfigError, say
-from .loss import precision_context
 from .metrics import calibration_metrics, compute_metrics
 from .models import decoder_and_head
+from .precision import compute_dtype_of, precision_context
 from .tasks import Task
 from .tokenize import answer_ids, encode_prompts, generation_length
 
@@ -173,7 +173,7 @@ def score_labels(model: Any, tokenizer: Any, prompt_ids: Sequence[list[int]], la
                 spans.append((start, cont))
                 start += k
             where.append(spans)
-        dtype = next(model.parameters()).dtype if precision != "bf16" else torch.bfloat16
+        dtype = compute_dtype_of(model) if precision != "bf16" else torch.bfloat16
         mask = torch.zeros(allow.shape, dtype=dtype).masked_fill(~allow, torch.finfo(dtype).min)[:, None]
         # token j of a label is predicted at the position before it: the prompt's last token
         # for j = 0, else the label's own token j - 1

@@ -9,8 +9,9 @@ examples alone, with the run's attention implementation, precision and device, a
 each example's mean token loss to agree within :data:`PACKING_TOLERANCE`.
 
 **Export gate** (after ``hf/`` is written, before it is renamed into place). The export is
-reloaded from disk as a fresh model, and its last-token logits on a few validation prompts are
-compared with the trained model in memory (LoRA adapters active, so the merge is what is
+run from disk, as a fresh model built from its config whose layers stream their weights from
+the written files one layer at a time (no second copy of the model in memory, at any size),
+and its last-token logits on a few validation prompts are compared with the trained model in memory (LoRA adapters active, so the merge is what is
 checked). Drift beyond :data:`GATE_TOLERANCE` (relative to the largest logit), or a changed
 greedy prediction that was not a near tie, fails the export and leaves the checkpoints as they
 are.
@@ -27,7 +28,7 @@ logits' scale for fp32 weights and 2e-2 for bf16.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,8 +37,8 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ConfigError, UserError
-from .loss import precision_context
 from .packing import PackedRow
+from .precision import compute_in, precision_context
 
 PACKING_TOLERANCE = {"fp32": 1e-3, "bf16": 1e-1}  # nats per token
 GATE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}  # of max |logit|
@@ -114,10 +115,10 @@ class GateReport:
 
 
 @torch.no_grad()
-def last_token_logits(model: Any, prompt_ids: Sequence[list[int]]) -> torch.Tensor:
+def last_token_logits(model: Any, prompt_ids: Sequence[list[int]], device: torch.device | None = None) -> torch.Tensor:
     """(prompts, vocabulary) fp32 logits at each prompt's last token, one prompt at a time (no
     padding to differ between the two models). Under ZeRO-3 every process must call it."""
-    device = next(model.parameters()).device
+    device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
@@ -126,6 +127,55 @@ def last_token_logits(model: Any, prompt_ids: Sequence[list[int]]) -> torch.Tens
     finally:
         model.train(was_training)
     return torch.stack(rows)
+
+
+class _StreamedWeights:
+    """A model skeleton (parameters on the meta device) whose layers read their parameters
+    from a folder's safetensors files just before they run and drop them right after, so the
+    export is checked by running it from disk with one layer in memory at a time, not as a
+    second copy of the model. Every file tensor must belong to a parameter and every
+    parameter must have a file tensor (tied weights read their one stored tensor)."""
+
+    def __init__(self, model: torch.nn.Module, folder: Path):
+        from safetensors import safe_open
+
+        files = sorted(folder.glob("*.safetensors"))
+        self.handles = [safe_open(str(f), framework="pt") for f in files]
+        self.where = {key: h for h in self.handles for key in h.keys()}
+        by_param: dict[int, list[str]] = {}
+        for name, param in model.named_parameters(remove_duplicate=False):
+            by_param.setdefault(id(param), []).append(name)
+        stored = {pid: next((n for n in names if n in self.where), None) for pid, names in by_param.items()}
+        missing = sorted(names[0] for pid, names in by_param.items() if stored[pid] is None)
+        used = {n for n in stored.values() if n is not None}
+        extra = sorted(set(self.where) - used - {n for names in by_param.values() for n in names})
+        if missing or extra:
+            raise UserError(f"export gate failed: the written export does not match the model's parameters "
+                            f"(missing {missing[:3]}, unexpected {extra[:3]}); the export was not written, "
+                            "the checkpoints are kept")
+        self.hooks = []
+        for module in model.modules():
+            own = {n: stored[id(p)] for n, p in module._parameters.items() if p is not None}
+            if own:
+                self.hooks.append(module.register_forward_pre_hook(self._loader(own)))
+                self.hooks.append(module.register_forward_hook(self._dropper(dict(module._parameters))))
+
+    def _loader(self, own: dict[str, str]) -> Callable[..., None]:
+        def load(module: torch.nn.Module, _args: Any) -> None:
+            for attr, key in own.items():
+                module._parameters[attr] = torch.nn.Parameter(self.where[key].get_tensor(key), requires_grad=False)
+        return load
+
+    @staticmethod
+    def _dropper(skeleton: dict[str, Any]) -> Callable[..., None]:
+        def drop(module: torch.nn.Module, _args: Any, _out: Any) -> None:
+            module._parameters.update(skeleton)  # back to the meta tensors: the weights are freed
+        return drop
+
+    def close(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        self.handles.clear()
 
 
 @contextlib.contextmanager
@@ -147,16 +197,28 @@ def _plain_construction() -> Iterator[None]:
         hf_deepspeed.set_hf_deepspeed_config(registered)
 
 
-def gate_export(folder: Path, reference: torch.Tensor, prompt_ids: Sequence[list[int]]) -> GateReport:
-    """Reload ``folder`` as a fresh model (on the CPU, as written) and compare its logits with
-    ``reference`` (the trained model's, :func:`last_token_logits`). Raises UserError on drift."""
-    from transformers import AutoModelForCausalLM
+def gate_export(folder: Path, reference: torch.Tensor, prompt_ids: Sequence[list[int]],
+                compute_dtype: torch.dtype | None = None) -> GateReport:
+    """Run ``folder`` from disk (a skeleton built from its config, streaming its weights layer
+    by layer, :class:`_StreamedWeights`) on the prompts and compare its logits with
+    ``reference`` (the trained model's, :func:`last_token_logits`). ``compute_dtype``: the
+    trained model's ``model.compute_dtype``. Raises UserError on drift."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    with _plain_construction():
-        fresh = AutoModelForCausalLM.from_pretrained(folder, dtype="auto")
-    dtype = next(fresh.parameters()).dtype
-    reloaded = last_token_logits(fresh, prompt_ids)
-    del fresh
+    config = AutoConfig.from_pretrained(folder)
+    dtype = getattr(torch, str(getattr(config, "dtype", None) or "float32").removeprefix("torch."))
+    with _plain_construction(), init_empty_weights(include_buffers=False):  # buffers are real
+        fresh = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    fresh.tie_weights()  # on the meta device construction leaves tied weights apart
+    if compute_dtype is not None:
+        compute_in(fresh, compute_dtype)
+    streamed = _StreamedWeights(fresh, folder)
+    try:
+        reloaded = last_token_logits(fresh, prompt_ids, device=torch.device("cpu"))
+    finally:
+        streamed.close()
+        del fresh
     scale = max(1.0, float(reference.abs().max()))
     drift = float((reloaded - reference).abs().max()) / scale
     tolerance = GATE_TOLERANCE.get(dtype, 2e-2)

@@ -13,7 +13,7 @@ size of the inputs) are kept for backward, which merely scales them by the incom
 No (N, V) tensor is ever alive, and no logits are recomputed.
 
 Precision follows the caller: under bf16 autocast the three matmuls run in bf16 exactly as
-autograd would run them; the softmax and the loss are always fp32; grad(weight) accumulates in
+autograd would run them; under ``model.compute_dtype`` in that (wider) dtype; the softmax and the loss are always fp32; grad(weight) accumulates in
 fp32 across chunks.
 """
 
@@ -28,7 +28,7 @@ CHUNK_ELEMENTS = 1 << 24  # logits per chunk (64 MiB in fp32); smaller chunks ma
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, rows_per_chunk):  # type: ignore[override]
+    def forward(ctx, hidden, weight, bias, targets, rows_per_chunk, wide):  # type: ignore[override]
         # hidden (N, H), weight (V, H), bias (V,) or None, targets (N,) → summed loss ()
         want_hidden, want_weight, want_bias = ctx.needs_input_grad[:3]
         want_any = want_hidden or want_weight or want_bias
@@ -39,7 +39,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         # cast once, not per chunk (autocast would re-cast the (V, H) weight at every matmul)
         device = hidden.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else (wide or weight.dtype)
         w = weight.to(dtype)
         b = None if bias is None else bias.to(dtype)
         with torch.autocast(device, enabled=False):
@@ -75,13 +75,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_weight = (grad_weight * grad_output).to(ctx.weight_dtype)
         if grad_bias is not None:
             grad_bias = (grad_bias * grad_output).to(ctx.bias_dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                         targets: torch.Tensor, chunk_elements: int | None = None) -> torch.Tensor:
+                         targets: torch.Tensor, chunk_elements: int | None = None,
+                         dtype: torch.dtype | None = None) -> torch.Tensor:
     """Summed cross-entropy of ``F.linear(hidden, weight, bias)`` against ``targets``, without
-    materialising the logits; same value and gradients as the plain expression.
+    materialising the logits; same value and gradients as the plain expression. ``dtype``: the
+    matmuls' dtype outside autocast when wider than the weight's (``model.compute_dtype``).
 
     >>> torch.manual_seed(0) and None
     >>> h, w = torch.randn(5, 4, requires_grad=True), torch.randn(7, 4, requires_grad=True)
@@ -96,4 +98,4 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
     True
     """
     rows = max(1, (chunk_elements or CHUNK_ELEMENTS) // weight.shape[0])
-    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, rows)
+    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, rows, dtype)

@@ -1,14 +1,13 @@
 """The training loss and the numeric precision it runs in.
 
 :class:`LossModule` wraps the language model so that DDP / FSDP / DeepSpeed see one forward
-that returns the summed token loss of a batch; :func:`precision_context` is the autocast that
+that returns the summed token loss of a batch; :func:`t2tune.precision` holds the autocast that
 training and evaluation share. The fused output layer + cross-entropy kernel it uses for plain
 ``nn.Linear`` output layers is :mod:`t2tune.linear_ce`.
 """
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 from .linear_ce import linear_cross_entropy
 from .models import decoder_and_head
 from .packing import IGNORE_INDEX
+from .precision import layer_compute_dtype
 
 
 class LossModule(torch.nn.Module):
@@ -42,15 +42,10 @@ class LossModule(torch.nn.Module):
             hidden = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False)[0]  # (B, T, H)
             # ZeRO-3 gathers a module's weight only when the module itself is called
             if type(head) is torch.nn.Linear and not hasattr(head.weight, "ds_id"):
-                return linear_cross_entropy(hidden[keep], head.weight, head.bias, labels[keep])
+                return linear_cross_entropy(hidden[keep], head.weight, head.bias, labels[keep],
+                                            dtype=layer_compute_dtype(head))
             logits = head(hidden[keep])  # (N, V)
         else:
             logits = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits[keep]
         return F.cross_entropy(logits.float(), labels[keep], reduction="sum")
 
-
-def precision_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast for ``bf16`` (and bf16-checked's first pass); the weights' own dtype otherwise."""
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()

@@ -16,8 +16,9 @@ from typing import Any
 import torch
 
 from .checkpoint import weights_folder
-from .errors import UserError
+from .errors import UserError, say
 from .files import atomic_dir, cache_dir, parse_json
+from .precision import NARROW, bf16_matmul_is_native, compute_in
 
 GPTJ_HUB_ID = "EleutherAI/gpt-j-6B"
 GPTJ_VOCAB = 50400  # the model's embedding rows: 50257 BPE tokens + 143 <|extratoken_N|>
@@ -179,7 +180,41 @@ def check_model_name(name: str) -> None:
 
 
 def load_model(cfg: Any) -> Loaded:
-    """Load per a ModelConfig (name, revision, dtype, attn_implementation, trust_remote_code)."""
+    """Load per a ModelConfig (name, revision, dtype, compute_dtype, attn_implementation,
+    trust_remote_code)."""
+    loaded = _load(cfg)
+    wide = getattr(cfg, "compute_dtype", None)
+    if wide is not None:
+        compute_in(loaded.model, DTYPES[wide])
+    elif loaded.model.dtype in NARROW and not bf16_matmul_is_native() and not torch.cuda.is_available():
+        say(f"warning: model.dtype={cfg.dtype} on a CPU without bf16 matrix instructions: its matmuls are emulated, "
+            "hundreds of times slower than fp32; model.compute_dtype=float32 keeps the weights in "
+            f"{cfg.dtype} and computes in fp32")
+    return loaded
+
+
+def model_config(cfg: Any) -> Any:
+    """The transformers config of ``model.name`` without its weights, for the memory estimate;
+    None where it cannot be had cheaply (GGUF files, adapters, a hub that cannot be reached:
+    loading the model then says what is wrong)."""
+    from transformers import AutoConfig
+
+    name = GPTJ_HUB_ID if cfg.name == "gpt-j-6b" else cfg.name
+    if name == "tiny-gptj":
+        return tiny_gptj_config()
+    if name == "smollm2-135m" or name.endswith(".gguf"):
+        return None
+    path = resolve_path(name)
+    if path is not None and not (path / "config.json").is_file():
+        return None
+    try:
+        return AutoConfig.from_pretrained(str(path or name), revision=cfg.revision,
+                                          trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError):
+        return None
+
+
+def _load(cfg: Any) -> Loaded:
     torch_dtype = DTYPES[cfg.dtype]
     name = cfg.name
     quiet_transformers()
@@ -226,7 +261,7 @@ def _load_adapter(path: Path, cfg: Any, dtype: torch.dtype) -> Loaded:
     if base_path is not None and (base_path / "adapter_config.json").is_file():
         raise UserError(f"{meta_file}: base_model_name_or_path '{base_name}' is itself an adapter"
                         f"{' (this one)' if base_path.resolve() == path.resolve() else ''}; it must name a full model")
-    base = load_model(dataclasses.replace(cfg, name=base_name, revision=None))
+    base = _load(dataclasses.replace(cfg, name=base_name, revision=None))
     model = PeftModel.from_pretrained(base.model, str(path))
     return Loaded(model, base.tokenizer)
 

@@ -39,19 +39,22 @@ from typing import Any, Protocol
 import torch
 
 from . import __version__
-from .checkpoint import RunFolder, export, load_weights, read_checkpoint, set_rng_state, write_checkpoint
+from .checkpoint import RunFolder, load_weights, read_checkpoint, set_rng_state, write_checkpoint
 from .config import DataConfig, EvalConfig, RunConfig, batch_size_problem, dump_config
 from .data import load_examples, with_hub_defaults
 from .engines import cpu_only, fill_deepspeed_config, is_sharded, process_state
 from .errors import ConfigError, UserError, say
 from .evaluation import EvalResult, check_fits, evaluate
+from .export import export
 from .files import atomic_file
 from .guards import GateReport, check_packing, gate_export, last_token_logits
 from .loss import LossModule
+from .memory import RSS, check_memory, staged
 from .metrics import greater_is_better, headline, metric_names
 from .mixture import EpochRows, epoch_counts, epoch_size, mixing_rates
-from .models import check_model_name, check_qlora_available, load_model, prepare_for_training
+from .models import DTYPES, check_model_name, check_qlora_available, load_model, model_config, prepare_for_training
 from .packing import PackedRow, pack
+from .precision import compute_dtype_of
 from .report import MetricsLog, Trackers, check_trackers, model_card, read_events, refresh_plots, tracker_settings
 from .speed import mfu, model_flops, packing_efficiency, peak_tflops
 from .tasks import Task, get_task
@@ -123,8 +126,14 @@ def prepare(cfg: RunConfig, *, overwrite: bool = False, task: Task | None = None
         raise ConfigError("log.to: an accelerator passed in brings its own trackers (Accelerator(log_with=...)); "
                           "leave log.to empty")
     process = process_state()
+    if model is None and not _sharded_launch(process):  # before anything is loaded: refuse what cannot fit
+        config = model_config(cfg.model)
+        if config is not None:
+            check_memory(config, cfg)
     folder = RunFolder(Path(cfg.out_dir))
     lock = _claim(folder, cfg, overwrite, process)
+    RSS.restart()
+    RSS.enter("load")
     if train_rows is None:
         for member, entry in zip(members, cfg.tasks.values() if cfg.tasks else [cfg.data]):
             member.train_rows, loaded_eval = _load_data(entry, member, cfg.eval.limit)
@@ -134,6 +143,7 @@ def prepare(cfg: RunConfig, *, overwrite: bool = False, task: Task | None = None
     if model is None:
         loaded = load_model(cfg.model)
         model, tokenizer = loaded.model, loaded.tokenizer
+    RSS.leave("load")
     if tokenizer is None:
         raise UserError("a model given without its tokenizer; pass tokenizer=")
 
@@ -189,6 +199,12 @@ def prepare(cfg: RunConfig, *, overwrite: bool = False, task: Task | None = None
     engine.scheduler = make_scheduler(optimizer, t, run.budget_spent if t.steps == "auto" else None)
     run.lock = lock
     return run
+
+
+def _sharded_launch(process: Any) -> bool:
+    from accelerate.utils import DistributedType
+
+    return process.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
 
 
 @dataclass
@@ -389,7 +405,7 @@ class Run:
                                 tracker_settings(self.cfg.log.to, self.folder.trackers))
         checked = self.check_packing()
         t = self.cfg.train
-        self.peak_dtype = torch.bfloat16 if t.precision == "bf16" else next(self.model.parameters()).dtype
+        self.peak_dtype = torch.bfloat16 if t.precision == "bf16" else compute_dtype_of(self.model)
         self.peak, self.peak_source = peak_tflops(self.accelerator.device, self.peak_dtype, t.peak_tflops)
         self.packing_efficiency = round(packing_efficiency(self.rows, t.seq_len), 4)
         self._since = time.perf_counter()
@@ -467,7 +483,8 @@ class Run:
         if not (self.main or is_sharded(self.accelerator)):
             return None
         reference = last_token_logits(self.model, ids)
-        return lambda folder: gate_export(folder, reference, ids)
+        wide = self.cfg.model.compute_dtype
+        return lambda folder: gate_export(folder, reference, ids, DTYPES[wide] if wide else None)
 
     def _tick(self) -> float:
         """Add the time since the last tick to ``wall_seconds``; returns it."""
@@ -490,7 +507,7 @@ class Run:
                    "packing_efficiency": self.packing_efficiency,
                    "validation_share": round(s.eval_seconds / wall, 4), "best": s.best,
                    "exported_step": exported.get("step"), "export": str(self.folder.export),
-                   "gate_drift": gate.drift if gate else None}
+                   "gate_drift": gate.drift if gate else None, "peak_rss_gib": RSS.gib()}
         precision = "bf16" if t.precision == "bf16" else str(self.peak_dtype).removeprefix("torch.")
         say(f"{s.optimizer_step} steps, {s.tokens_seen:,} tokens in {s.wall_seconds / 60:.1f} min: training "
             f"{s.train_seconds / 60:.1f} min at {tps:,.0f} tokens/s (MFU {numbers['mfu']:.1%} of "
@@ -505,6 +522,8 @@ class Run:
         best = f"best {key} {s.best[key]:.4f} at step {s.best['step']}; " if s.best.get(key) is not None else ""
         gate_text = f"; export gate passed (drift {gate.drift:.2g}, {gate.dtype})" if gate else \
             ("; export gate off" if not self.cfg.export.gate else "; export gate skipped (no validation rows)")
+        peaks = ", ".join(f"{k} {v:.2f}" for k, v in numbers["peak_rss_gib"].items())
+        say(f"peak RSS (GiB) by stage: {peaks}")
         say(f"{best}exported step {exported.get('step')} (export.from: {self.cfg.export.from_}) to "
             f"{self.folder.export}{gate_text}")
         return numbers
@@ -528,6 +547,7 @@ class Run:
         limit = self.cfg.train.max_minutes
         return limit is not None and self.state.train_seconds >= limit * 60
 
+    @staged("train")
     def step(self) -> StepResult:
         t = self.cfg.train
         positions = next_positions(lambda epoch: len(self.rows_of(epoch)), self.state, t.global_batch_size, t.seed)
@@ -553,6 +573,7 @@ class Run:
                              "grad_norm": result.grad_norm, "epoch": s.epoch, "tokens_seen": s.tokens_seen,
                              "train_seconds": round(s.train_seconds, 3), "wall_seconds": round(self._tick(), 3)})
 
+    @staged("validate")
     def validate(self) -> bool:
         """Validate on every process (each runs its share); the main process records the best
         step, logs and plots. Returns whether this step is a new best (on every process)."""
@@ -630,6 +651,7 @@ class Run:
             return None
         return {k.removeprefix("model."): v for k, v in state.items()}
 
+    @staged("checkpoint")
     def checkpoint(self) -> dict[str, Any] | None:
         """Write ``step-N/`` (collective under sharded engines); rotation keeps the best step.
         Returns the gathered full weights on the main process of a sharded engine, None
@@ -729,6 +751,7 @@ class Run:
                                               [m.task.references(r) for r in rows]))
         return result
 
+    @staged("export")
     def export(self, path: Path, merge: bool = True, weights: dict[str, Any] | None = None,
                check: Callable[[Path], GateReport] | None = None,
                exported: dict[str, Any] | None = None) -> GateReport | None:

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 
 from .config import TrainConfig
-from .loss import precision_context
 from .packing import IGNORE_INDEX, PackedRow, collate
+from .precision import precision_context
 
 
 @dataclass
@@ -283,6 +283,6 @@ class StopRequest:
         if self._open:
             raise Interrupted(f"stopped by signal {signum}")
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
