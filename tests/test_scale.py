@@ -11,12 +11,13 @@ import torch
 from conftest import error_line, t2tune, tiny_config
 from safetensors.torch import load_file
 
-from t2tune import guards
+from t2tune import guards, recipe
 from t2tune.checkpoint import RunFolder
 from t2tune.config import ConfigError, EvalConfig, ModelConfig, load_config
+from t2tune.errors import UserError
 from t2tune.evaluation import evaluate
-from t2tune.export import export, merge_lora_weights
-from t2tune.guards import gate_export, last_token_logits
+from t2tune.export import MergeLoss, export, lora_merged_tensors, merge_lora_weights
+from t2tune.guards import gate_adapter, gate_export, last_token_logits
 from t2tune.loss import LossModule
 from t2tune.memory import estimate
 from t2tune.models import gptj_6b_config, gptj_tokenizer, load_model, wrap_lora
@@ -138,3 +139,42 @@ def test_peak_memory_is_reported_by_stage(tmp_path, mnli_dir):
     assert {"load", "train", "validate", "checkpoint", "export", "run"} <= peaks.keys()
     assert all(0 < v <= peaks["run"] for v in peaks.values())
     assert events[-1]["gate_drift"] is not None
+
+
+def test_merge_loss_measures_what_rounding_to_bf16_takes_from_the_update():
+    model, _ = _bf16_lora()
+    big = MergeLoss()
+    [make() for _, make in lora_merged_tensors(model, loss=big).values()]
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data.mul_(1e-4)  # an update below bf16's resolution at weights of ~0.02
+    small = MergeLoss()
+    [make() for _, make in lora_merged_tensors(model, loss=small).values()]
+    assert big.share < 0.05 and 0.5 < small.share <= 1.0
+
+
+def test_an_unmerged_export_is_the_adapter_checked_bit_for_bit(tmp_path, mnli_dir):
+    result = train(tiny_config(tmp_path / "run", mnli_dir, **{"train.method": "lora", "train.steps": 2,
+                                                               "lora.r": 4, "export.merge": False}))
+    assert (result.export / "adapter_config.json").is_file() and not (result.export / "model.safetensors").exists()
+    assert "bit for bit" in (result.export / "README.md").read_text()
+    reloaded = load_model(ModelConfig(name=str(result.export)))
+    assert hasattr(reloaded.model, "peft_config")
+    expected = {k: v.clone() for k, v in load_file(result.export / "adapter_model.safetensors").items()}
+    assert gate_adapter(result.export, expected).tensors == len(expected)
+    key = next(iter(expected))
+    expected[key][0, 0] += 1
+    with pytest.raises(UserError, match=f"different \\['{key}'\\]"):
+        gate_adapter(result.export, expected)
+
+
+def test_a_failed_gate_after_a_lossy_merge_names_the_way_out(tmp_path, mnli_dir, monkeypatch):
+    def refuse(*_args):
+        raise UserError("export gate failed: the export reloaded from disk differs from the trained model")
+
+    monkeypatch.setattr(recipe, "gate_export", refuse)
+    cfg = tiny_config(tmp_path / "run", mnli_dir, **{"train.method": "lora", "train.steps": 1, "lora.r": 4,
+                                                      "model.dtype": "bfloat16", "model.compute_dtype": "float32",
+                                                      "train.lr": 1e-7})
+    with pytest.raises(UserError, match=r"The merge rounded away \d+% of the LoRA update .*export.merge=false"):
+        train(cfg)

@@ -175,7 +175,7 @@ def _report(args: argparse.Namespace, task: Any, result: Any, predict: bool) -> 
 def cmd_export(args: argparse.Namespace) -> int:
     from .checkpoint import StepFolder, read_checkpoint
     from .config import ModelConfig, load_config
-    from .export import export
+    from .export import MERGE_LOSS_HINT, MergeLoss, export
     from .models import load_model
     from .report import model_card
     from .tasks import get_task
@@ -195,8 +195,13 @@ def cmd_export(args: argparse.Namespace) -> int:
         state = TrainState.from_dict(read_checkpoint(src)[0]) if src.state.is_file() else TrainState()
         card = model_card(cfg, get_task(cfg.task), cfg.model.name, state, {})
     out = Path(args.out).expanduser()
-    export(loaded.model, loaded.tokenizer, out, merge=not args.adapter_only, card=card, what="--out")
-    print(json.dumps({"export": str(out), "adapter_only": bool(args.adapter_only)}))
+    loss = MergeLoss()
+    export(loaded.model, loaded.tokenizer, out, merge=not args.adapter_only, card=card, what="--out", loss=loss)
+    if loss.share >= MERGE_LOSS_HINT:
+        say(f"warning: the LoRA merge's rounding to {str(loaded.model.dtype).removeprefix('torch.')} lost {loss.share:.0%} of the update "
+            "(entries below that dtype's resolution at their base weights); --adapter-only exports it exactly")
+    print(json.dumps({"export": str(out), "adapter_only": bool(args.adapter_only),
+                      "merge_rounding_lost": round(loss.share, 4)}))
     return 0
 
 

@@ -150,6 +150,9 @@ class ExportConfig:
     # ran) | last; `from` in YAML and overrides (export.from=last)
     from_: str = "best"
     gate: bool = True  # reload the export and compare its logits with the trained model's
+    # LoRA: merge the adapter into the base weights (a full model); false: hf/ holds the adapter
+    # alone, exact (a merge into bf16 weights rounds away updates below bf16's resolution)
+    merge: bool = True
 
 
 @dataclass
@@ -228,7 +231,7 @@ MAX_CONFIG_BYTES = 1 << 20  # configs and task files are a few hundred bytes; th
 RESUME_SAFE = {"out_dir", "train.steps", "checkpoint.every", "checkpoint.keep", "eval.every", "eval.limit",
                "eval.batch_size", "eval.max_new_tokens", "eval.seq_len", "eval.mode", "eval.precision",
                "eval.entity_parsing", "train.log_every", "train.threads", "train.max_minutes", "data.validation",
-               "data.validation_split", "eval.patience", "export.from", "export.gate", "log.to", "train.peak_tflops",
+               "data.validation_split", "eval.patience", "export.from", "export.gate", "export.merge", "log.to", "train.peak_tflops",
                "train.packing_check"}
 
 

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ConfigError, UserError
+from .export import ShardReader
 from .packing import PackedRow
 from .precision import compute_in, precision_context
 
@@ -103,15 +104,40 @@ def check_packing(model: Any, rows: Sequence[PackedRow], precision: str) -> floa
 
 @dataclass
 class GateReport:
-    prompts: int
+    prompts: int  # 0: an adapter export, checked tensor by tensor
     drift: float  # max |Δ logit| ÷ max(1, max |logit|)
     dtype: str
     tolerance: float
+    tensors: int = 0
 
     def line(self) -> str:
+        if not self.prompts:
+            return (f"export gate passed: the written adapter's {self.tensors} tensors equal the trained ones "
+                    "bit for bit")
         return (f"export gate passed: the reloaded export matches the trained model on {self.prompts} prompts "
                 f"(last-token logits within {self.drift:.2g} of their scale, tolerance {self.tolerance:g} "
                 f"in {self.dtype}; same greedy predictions)")
+
+
+def gate_adapter(folder: Path, expected: dict[str, torch.Tensor]) -> GateReport:
+    """An unmerged LoRA export: the written adapter tensors must equal ``expected`` (peft's
+    adapter state dict of the trained model) bit for bit, name for name. The base weights are
+    ``model.name``'s own, untouched, so that is the whole of what the adapter changes."""
+    from safetensors import safe_open
+
+    file = folder / "adapter_model.safetensors"
+    written: dict[str, torch.Tensor] = {}
+    if file.is_file():
+        with safe_open(str(file), framework="pt") as f:
+            written = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
+    differ = sorted(k for k in expected.keys() & written.keys()
+                    if written[k].dtype != expected[k].dtype or not torch.equal(written[k], expected[k].cpu()))
+    if written.keys() != expected.keys() or differ:
+        raise UserError(f"export gate failed: the written adapter {file} does not hold the trained LoRA weights "
+                        f"(missing {sorted(expected.keys() - written.keys())[:3]}, unexpected "
+                        f"{sorted(written.keys() - expected.keys())[:3]}, different {differ[:3]}); the export was "
+                        "not written, the checkpoints are kept")
+    return GateReport(0, 0.0, "adapter", 0.0, tensors=len(written))
 
 
 @torch.no_grad()
@@ -137,11 +163,8 @@ class _StreamedWeights:
     parameter must have a file tensor (tied weights read their one stored tensor)."""
 
     def __init__(self, model: torch.nn.Module, folder: Path):
-        from safetensors import safe_open
-
-        files = sorted(folder.glob("*.safetensors"))
-        self.handles = [safe_open(str(f), framework="pt") for f in files]
-        self.where = {key: h for h in self.handles for key in h.keys()}
+        self.reader = ShardReader(folder)
+        self.where = self.reader.where
         by_param: dict[int, list[str]] = {}
         for name, param in model.named_parameters(remove_duplicate=False):
             by_param.setdefault(id(param), []).append(name)
@@ -163,7 +186,7 @@ class _StreamedWeights:
     def _loader(self, own: dict[str, str]) -> Callable[..., None]:
         def load(module: torch.nn.Module, _args: Any) -> None:
             for attr, key in own.items():
-                module._parameters[attr] = torch.nn.Parameter(self.where[key].get_tensor(key), requires_grad=False)
+                module._parameters[attr] = torch.nn.Parameter(self.reader.get(key), requires_grad=False)
         return load
 
     @staticmethod
@@ -175,7 +198,6 @@ class _StreamedWeights:
     def close(self) -> None:
         for hook in self.hooks:
             hook.remove()
-        self.handles.clear()
 
 
 @contextlib.contextmanager

@@ -45,9 +45,9 @@ from .data import load_examples, with_hub_defaults
 from .engines import cpu_only, fill_deepspeed_config, is_sharded, process_state
 from .errors import ConfigError, UserError, say
 from .evaluation import EvalResult, check_fits, evaluate
-from .export import export
+from .export import MERGE_LOSS_HINT, MergeLoss, export
 from .files import atomic_file
-from .guards import GateReport, check_packing, gate_export, last_token_logits
+from .guards import GateReport, check_packing, gate_adapter, gate_export, last_token_logits
 from .loss import LossModule
 from .memory import RSS, check_memory, staged
 from .metrics import greater_is_better, headline, metric_names
@@ -381,6 +381,7 @@ class Run:
         self.peak, self.peak_source, self.peak_dtype, self.packing_efficiency = 0.0, "", torch.float32, 0.0
         self._since = time.perf_counter()  # wall_seconds counts from here
         self.packing_report: dict[str, Any] = {}  # the packing self-test's drift and seconds
+        self.merge_loss = MergeLoss()  # what the export's LoRA merge lost to rounding
 
     @property
     def last_eval(self) -> dict[str, Any]:
@@ -439,11 +440,12 @@ class Run:
         else:
             weights = self.checkpoint()  # gathers the full weights once, for both
         chosen, weights = self._exported_step(weights)
-        gate = self._gate() if self.cfg.export.gate else None
+        gate = self._gate(weights) if self.cfg.export.gate else None
         failed = None
         if self.main:
             try:
-                report = self.export(self.folder.export, weights=weights, check=gate, exported=chosen)
+                report = self.export(self.folder.export, merge=self.cfg.export.merge, weights=weights, check=gate,
+                                     exported=chosen)
                 self._tick()
                 end = self.summary(chosen, report)
                 self.log_file.write({"event": "end", "step": step, "stopped": stopped, **end})
@@ -473,9 +475,19 @@ class Run:
         load_weights(self.model, step.model)
         return best, None
 
-    def _gate(self) -> Callable[[Path], GateReport] | None:
+    def _gate(self, weights: dict[str, Any] | None) -> Callable[[Path], GateReport] | None:
         """The export gate's check: the trained model's last-token logits on a few validation
-        prompts now (every process, as sharded weights need), the reload compared with them later."""
+        prompts now (every process, as sharded weights need), the reload compared with them later;
+        for an unmerged adapter (``export.merge: false``), its written tensors against the trained
+        ones. A failed merge says how much of the LoRA update its rounding lost."""
+        adapter = hasattr(self.model, "peft_config") and not self.cfg.export.merge
+        if adapter:
+            if not self.main:
+                return None
+            from peft import get_peft_model_state_dict
+
+            expected = get_peft_model_state_dict(self.model, state_dict=weights)
+            return lambda folder: gate_adapter(folder, expected)
         rows = self.eval_rows[:GATE_PROMPTS]
         if not rows:
             return None
@@ -484,7 +496,18 @@ class Run:
             return None
         reference = last_token_logits(self.model, ids)
         wide = self.cfg.model.compute_dtype
-        return lambda folder: gate_export(folder, reference, ids, DTYPES[wide] if wide else None)
+
+        def check(folder: Path) -> GateReport:
+            try:
+                return gate_export(folder, reference, ids, DTYPES[wide] if wide else None)
+            except UserError as exc:
+                if self.merge_loss.share < MERGE_LOSS_HINT:
+                    raise
+                raise UserError(f"{exc}. The merge rounded away {self.merge_loss.share:.0%} of the LoRA update "
+                                f"(entries below {self.cfg.model.dtype}'s resolution at their base weights): "
+                                "export.merge=false exports the adapter exactly, or `t2tune export "
+                                "<checkpoint> --adapter-only` writes it from a kept checkpoint") from None
+        return check
 
     def _tick(self) -> float:
         """Add the time since the last tick to ``wall_seconds``; returns it."""
@@ -507,7 +530,8 @@ class Run:
                    "packing_efficiency": self.packing_efficiency,
                    "validation_share": round(s.eval_seconds / wall, 4), "best": s.best,
                    "exported_step": exported.get("step"), "export": str(self.folder.export),
-                   "gate_drift": gate.drift if gate else None, "peak_rss_gib": RSS.gib()}
+                   "gate_drift": gate.drift if gate else None, "merge_rounding_lost": round(self.merge_loss.share, 4),
+                   "peak_rss_gib": RSS.gib()}
         precision = "bf16" if t.precision == "bf16" else str(self.peak_dtype).removeprefix("torch.")
         say(f"{s.optimizer_step} steps, {s.tokens_seen:,} tokens in {s.wall_seconds / 60:.1f} min: training "
             f"{s.train_seconds / 60:.1f} min at {tps:,.0f} tokens/s (MFU {numbers['mfu']:.1%} of "
@@ -522,6 +546,10 @@ class Run:
         best = f"best {key} {s.best[key]:.4f} at step {s.best['step']}; " if s.best.get(key) is not None else ""
         gate_text = f"; export gate passed (drift {gate.drift:.2g}, {gate.dtype})" if gate else \
             ("; export gate off" if not self.cfg.export.gate else "; export gate skipped (no validation rows)")
+        if gate and not gate.prompts:
+            gate_text = "; export gate passed (the adapter, bit for bit)"
+        if self.merge_loss.update_sq:
+            gate_text += f"; the LoRA merge's rounding lost {self.merge_loss.share:.1%} of the update"
         peaks = ", ".join(f"{k} {v:.2f}" for k, v in numbers["peak_rss_gib"].items())
         say(f"peak RSS (GiB) by stage: {peaks}")
         say(f"{best}exported step {exported.get('step')} (export.from: {self.cfg.export.from_}) to "
@@ -764,7 +792,8 @@ class Run:
             return model_card(self.cfg, [m.task for m in self.members], self.base_name, self.state, shown,
                               self._why(shown), report)
         try:
-            return export(self.model, self.tokenizer, path, merge=merge, card=card, weights=weights, check=check)
+            return export(self.model, self.tokenizer, path, merge=merge, card=card, weights=weights, check=check,
+                          loss=self.merge_loss)
         except OSError as exc:
             raise UserError(f"{path}: could not write the export ({exc.strerror}); the checkpoints are kept, "
                             "run `t2tune export` on the newest one") from None
