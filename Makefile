@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[test,gguf]'
+	$(BIN)/python -m pip install -q -e '.[test,gguf,qlora]'
 	# the deepspeed extra: a source package whose build imports torch, so it is built against the
 	# CPU torch above (with build isolation pip would fetch a multi-GB CUDA torch to build it)
 	$(BIN)/python -m pip install -q --no-build-isolation 'deepspeed==0.19.8'

@@ -4,8 +4,10 @@
     python benchmarks/gpu_check.py --tiny     # CPU dry run with tiny shapes (what CI-less hosts can do)
 
 1. the card's bf16 matmul peak, measured here;
-2. a GPT-J-6B-shaped model (real config, random bf16 weights) on packed 1024-token rows:
-   LoRA, then full fine-tune if memory allows (bf16 weights and AdamW state);
+2. a GPT-J-6B-shaped model (real config, random weights made in bf16 on the GPU) on packed
+   1024-token rows: LoRA, then full fine-tune if memory allows (bf16 weights and AdamW state),
+   each with tokens/s, MFU, peak GPU memory and validation examples/s (greedy, 3 new tokens
+   after 256-token prompts, through ``generate_texts``);
 3. the SmolLM2-135M architecture (config only) at a batch that fills the card;
 4. correctness: tiny-gptj fp32 losses on the GPU equal the CPU's within 1e-4;
 5. FSDP2 (``configs/accelerate/fsdp.yaml``) through the real CLI on every GPU: validation during
@@ -90,6 +92,31 @@ def run(model, cfg, rows, device, warm: int = 2) -> dict:
     return {"tokens_per_s": tokens / seconds, "peak_mem_gib": mem, "losses": losses}
 
 
+class _IdsOnly:
+    """What greedy validation needs of a tokenizer when the prompts are token ids already."""
+
+    pad_token_id, eos_token_id = 0, 50256
+
+    @staticmethod
+    def decode(ids, skip_special_tokens=False) -> str:
+        return " ".join(map(str, ids))
+
+
+def validation_rate(model, device, seq: int, n: int = 64, batch: int = 32) -> float:
+    """Examples per second of t2tune's greedy validation (``generate_texts``: left-padded
+    batches, 3 new tokens, an MNLI label's length) on random prompts of ``seq`` tokens."""
+    from t2tune.evaluation import generate_texts
+
+    rng = random.Random(2)
+    prompts = [[rng.randrange(1, 50000) for _ in range(seq - rng.randrange(seq // 4))] for _ in range(n)]
+    generate_texts(model, _IdsOnly(), prompts[:batch], 3, batch)  # warm-up
+    _sync(device)
+    start = time.perf_counter()
+    generate_texts(model, _IdsOnly(), prompts, 3, batch)
+    _sync(device)
+    return n / (time.perf_counter() - start)
+
+
 def engine_check(tiny: bool) -> list[str]:
     """5.: ``t2tune train`` under accelerate launch, stopped at step 2 and resumed to 4, against
     one process: loss curve, validation, engine checkpoint, export."""
@@ -154,10 +181,10 @@ def main() -> None:
     table = []
     seq = 64 if args.tiny else 1024
 
-    def shaped_gptj():
+    def shaped_gptj():  # random weights made in bf16 on the device: no fp32 copy
         cfg = tiny_gptj_config() if args.tiny else gptj_6b_config()
         with torch.device(device):
-            return GPTJForCausalLM(cfg).to(torch.bfloat16)
+            return GPTJForCausalLM._from_config(cfg, dtype=torch.bfloat16)
 
     for method in ("lora", "full"):
         name = f"GPT-J 6B shape, {method}, bf16"
@@ -173,9 +200,10 @@ def main() -> None:
             res = run(model, cfg, random_rows(micro * cfg.steps, seq, 50400), device)
             # LoRA skips the frozen weights' gradients: ~4N FLOPs per token instead of 6N
             flops = (4 if method == "lora" else 6) * n_params * res["tokens_per_s"]
-            table.append((name, res["tokens_per_s"], flops / peak, res["peak_mem_gib"]))
+            rate = validation_rate(model, device, seq // 4)
+            table.append((name, res["tokens_per_s"], flops / peak, res["peak_mem_gib"], rate))
         except torch.OutOfMemoryError:
-            table.append((name + " (out of memory)", float("nan"), float("nan"), float("nan")))
+            table.append((name + " (out of memory)", float("nan"), float("nan"), float("nan"), float("nan")))
         model = None
         gc.collect()
         if device.type == "cuda":
@@ -193,7 +221,7 @@ def main() -> None:
     cfg = train_cfg(micro_batch_size=micro, global_batch_size=micro, precision="bf16")
     res = run(model, cfg, random_rows(micro * cfg.steps, seq, 49152), device)
     table.append(("SmolLM2-135M shape, full, bf16 autocast", res["tokens_per_s"],
-                  6 * n_params * res["tokens_per_s"] / peak, res["peak_mem_gib"]))
+                  6 * n_params * res["tokens_per_s"] / peak, res["peak_mem_gib"], float("nan")))
     model = None
     gc.collect()
 
@@ -207,9 +235,9 @@ def main() -> None:
 
     print(f"\ndevice: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; "
           f"bf16 matmul peak {peak / 1e12:.1f} TFLOP/s; date {time.strftime('%Y-%m-%d')}")
-    print(f"{'run':<44}{'tokens/s':>12}{'MFU':>8}{'peak GiB':>10}")
-    for name, tps, mfu, mem in table:
-        print(f"{name:<44}{tps:>12,.0f}{mfu:>8.1%}{mem:>10.1f}")
+    print(f"{'run':<44}{'tokens/s':>12}{'MFU':>8}{'peak GiB':>10}{'val ex/s':>10}")
+    for name, tps, mfu, mem, rate in table:
+        print(f"{name:<44}{tps:>12,.0f}{mfu:>8.1%}{mem:>10.1f}{rate:>10.1f}")
     print(f"{'tiny-gptj fp32 losses, max |cpu - ' + device.type + '|':<44}{worst:>12.2e}"
           f"{'  OK' if worst < 1e-4 else '  MISMATCH'}")
     if args.tiny or device.type == "cuda":

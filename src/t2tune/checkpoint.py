@@ -253,6 +253,9 @@ def weights_folder(path: Path) -> Path:
     return path
 
 
+NF4_FILE = "t2tune-nf4.json"  # in an adapter folder: the 4-bit quantization its base was trained in (QLoRA)
+
+
 # --- writing -------------------------------------------------------------------------------
 
 def save_hf(model: Any, tokenizer: Any, folder: Path, state_dict: dict[str, Any] | None = None) -> None:
@@ -260,6 +263,9 @@ def save_hf(model: Any, tokenizer: Any, folder: Path, state_dict: dict[str, Any]
     set_generation_ids(model, tokenizer)
     if hasattr(model, "peft_config"):  # adapter only; the base model is known by name
         model.save_pretrained(folder, state_dict=state_dict, save_embedding_layers=False)
+        base = model.get_base_model()
+        if getattr(base, "is_loaded_in_4bit", False):  # trained over 4-bit weights: t2tune loads the base so
+            (folder / NF4_FILE).write_text(base.config.quantization_config.to_json_string(use_diff=False), encoding="utf-8")
     else:
         model.save_pretrained(folder, state_dict=state_dict)
     tokenizer.save_pretrained(folder)

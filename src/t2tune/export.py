@@ -170,19 +170,43 @@ def lora_merged_tensors(peft_model: Any, weights: dict[str, torch.Tensor] | None
     ``loss`` gathers what rounding takes from the update (:class:`MergeLoss`)."""
     state = weights if weights is not None else {PEFT_PREFIX + k: v for k, v in
                                                  peft_model.get_base_model().state_dict().items()}
+    wide = dequantized(peft_model.get_base_model()) if weights is None else {}
+    packed = tuple(f"{name}." for name in wide)  # a 4-bit weight's quantization state: not exported
     out: dict[str, tuple[torch.Tensor, Producer]] = {}
     for key, value in state.items():
-        if "lora_" in key:
+        bare = key.removeprefix(PEFT_PREFIX)
+        if "lora_" in key or bare.startswith(packed):
             continue
-        name = key.removeprefix(PEFT_PREFIX).replace(".base_layer.", ".")
+        like, make = wide.get(bare, (value, lambda v=value: v))
+        name = bare.replace(".base_layer.", ".")
         if ".base_layer.weight" in key:
-            module = key.removeprefix(PEFT_PREFIX).removesuffix(".base_layer.weight")
+            module = bare.removesuffix(".base_layer.weight")
             a = state[f"{PEFT_PREFIX}{module}.lora_A.default.weight"]
             b = state[f"{PEFT_PREFIX}{module}.lora_B.default.weight"]
             scale = peft_model.get_submodule(module).scaling["default"]
-            out[name] = (value, lambda w=value, a=a, b=b, s=scale: _merged(w, a, b, s, loss))
+            out[name] = (like, lambda w=make, a=a, b=b, s=scale: _merged(w(), a, b, s, loss))
         else:
-            out[name] = (value, lambda v=value: v)
+            out[name] = (like, make)
+    return out
+
+
+def dequantized(model: Any) -> dict[str, tuple[torch.Tensor, Producer]]:
+    """Every 4-bit (bitsandbytes) weight of ``model`` and its bias by state-dict name: a stand-in
+    of the real shape and dtype holding one element, and the function that makes the tensor
+    (the weight dequantized: what every forward pass of the model computes with)."""
+    out: dict[str, tuple[torch.Tensor, Producer]] = {}
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        quant = getattr(weight, "quant_state", None)
+        if quant is None:
+            continue
+        from bitsandbytes.functional import dequantize_4bit
+
+        like = torch.zeros(1, dtype=quant.dtype).expand(quant.shape)  # its own storage: not a tied alias
+        out[f"{name}.weight"] = (like, lambda w=weight, q=quant: dequantize_4bit(w.data, q))
+        if module.bias is not None:  # bitsandbytes widens it to the compute dtype in place (losslessly)
+            like = torch.zeros(1, dtype=quant.dtype).expand(module.bias.shape)
+            out[f"{name}.bias"] = (like, lambda b=module.bias, d=quant.dtype: b.detach().to(d))
     return out
 
 
@@ -218,6 +242,8 @@ def save_full(model: Any, tokenizer: Any, folder: Path, merge: bool = True,
         tensors = {k: (v, lambda v=v: v) for k, v in source.items()}
     tensors = _untied(tensors, base)
     config = copy.deepcopy(base.config)
+    if hasattr(config, "quantization_config"):  # 4-bit weights are written dequantized
+        del config.quantization_config
     floats = [like.dtype for like, _ in tensors.values() if like.is_floating_point()]
     config.dtype = str(max(set(floats), key=floats.count)).removeprefix("torch.")  # what "auto" loads
     config.architectures = [type(base).__name__]

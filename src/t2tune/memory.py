@@ -48,6 +48,12 @@ class Estimate:
     runtime: float
     trainable: int
     parameters: int
+    room: float = float("inf")  # what the run can have, where it was measured
+
+    @property
+    def tight(self) -> bool:
+        """The run needs more than half the memory it can have: leave no freed memory idle."""
+        return self.total > self.room / 2
 
     @property
     def total(self) -> float:
@@ -73,6 +79,15 @@ def _lora_parameters(model: torch.nn.Module, targets: Any, r: int) -> int:
     return total
 
 
+_NF4_BYTES = 0.5 + 0.127 / 8  # 4 bits, and the QLoRA paper's 0.127 bits of double-quantized scales
+
+
+def _linear_weights(model: torch.nn.Module) -> int:
+    """The weights bitsandbytes stores in 4 bits: every Linear's but the output layer's."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head)
+
+
 def estimate(config: Any, cfg: Any) -> Estimate:
     """Training memory for a model of ``config`` (a transformers config) under the run config
     ``cfg``, counted on a skeleton whose parameters take no memory."""
@@ -91,8 +106,10 @@ def estimate(config: Any, cfg: Any) -> Estimate:
         trainable, trainable_bytes = _lora_parameters(skeleton, targets, cfg.lora.r), 4
     else:
         trainable, trainable_bytes = params, weight_bytes
+    weights = params * weight_bytes
     if t.method == "qlora":
-        weight_bytes = 0.5
+        packed = _linear_weights(skeleton)
+        weights = packed * _NF4_BYTES + (params - packed) * weight_bytes
     compute = _BYTES[cfg.model.compute_dtype or ("bfloat16" if t.precision == "bf16" else cfg.model.dtype)]
     hidden = getattr(config, "hidden_size", None) or config.n_embd
     layers = getattr(config, "num_hidden_layers", None) or config.n_layer
@@ -103,7 +120,7 @@ def estimate(config: Any, cfg: Any) -> Estimate:
     widened = 0.0
     if cfg.model.compute_dtype:
         widened = max(p.numel() for p in skeleton.parameters()) * _BYTES[cfg.model.compute_dtype]
-    return Estimate(weights=params * weight_bytes, gradients=trainable * trainable_bytes,
+    return Estimate(weights=weights, gradients=trainable * trainable_bytes,
                     optimizer=2 * trainable * trainable_bytes, activations=kept + widened,
                     runtime=RUNTIME_BYTES, trainable=trainable, parameters=params)
 
@@ -140,6 +157,7 @@ def check_memory(config: Any, cfg: Any) -> Estimate:
     """Raise UserError when the estimate exceeds the memory the run can have; else return it."""
     est = estimate(config, cfg)
     room, where = available_bytes()
+    est.room = room
     if est.total > room:
         fixes = []
         if cfg.train.method == "full":

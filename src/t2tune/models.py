@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import weights_folder
+from .checkpoint import NF4_FILE, weights_folder
 from .errors import UserError, say
 from .files import atomic_dir, cache_dir, parse_json
 from .precision import NARROW, bf16_matmul_is_native, compute_in
@@ -132,7 +132,8 @@ def gguf_as_folder(gguf: Path, cfg: Any) -> Path:
     return folder
 
 
-def _from_pretrained(where: str, cfg: Any, dtype: torch.dtype, **kw: Any) -> Loaded:
+def _from_pretrained(where: str, cfg: Any, dtype: torch.dtype, quantization_config: Any = None,
+                     **kw: Any) -> Loaded:
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -145,6 +146,8 @@ def _from_pretrained(where: str, cfg: Any, dtype: torch.dtype, **kw: Any) -> Loa
                             "AutoModelForCausalLM.from_pretrained(...).save_pretrained(...)")
     common = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code, **kw}
     weights = {} if "gguf_file" in kw else {"use_safetensors": True}  # never a pickle from the hub either
+    if quantization_config is not None:
+        weights["quantization_config"] = quantization_config
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **common)
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, attn_implementation=cfg.attn_implementation,
@@ -179,10 +182,10 @@ def check_model_name(name: str) -> None:
             raise UserError(f"model.name: path {name} does not exist")
 
 
-def load_model(cfg: Any) -> Loaded:
+def load_model(cfg: Any, nf4: bool = False) -> Loaded:
     """Load per a ModelConfig (name, revision, dtype, compute_dtype, attn_implementation,
-    trust_remote_code)."""
-    loaded = _load(cfg)
+    trust_remote_code); ``nf4``: the base's linear layers quantized to 4 bits (QLoRA)."""
+    loaded = _load(cfg, nf4)
     wide = getattr(cfg, "compute_dtype", None)
     if wide is not None:
         compute_in(loaded.model, DTYPES[wide])
@@ -214,10 +217,42 @@ def model_config(cfg: Any) -> Any:
         return None
 
 
-def _load(cfg: Any) -> Loaded:
+def nf4_config(cfg: Any) -> Any:
+    """QLoRA's base weights: 4-bit NormalFloat with double-quantized scales (the QLoRA paper's
+    choice), dequantized per call to the run's compute dtype (``model.compute_dtype``, else
+    ``model.dtype``). Embeddings, norms and the output layer stay in ``model.dtype``."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=DTYPES[cfg.compute_dtype or cfg.dtype],
+                              bnb_4bit_quant_storage=torch.uint8)
+
+
+def is_quantized(model: Any) -> bool:
+    core = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return bool(getattr(core, "is_loaded_in_4bit", False))
+
+
+def _tiny_gptj_folder(cfg: Any) -> Path:
+    """tiny-gptj written once as a folder in the cache, for loaders that only read folders
+    (4-bit quantization happens while loading)."""
+    folder = cache_dir() / "tiny-gptj" / cfg.dtype
+    if not (folder / "config.json").is_file():
+        loaded = _load(cfg)
+        with atomic_dir(folder, replace=False) as tmp:
+            loaded.model.save_pretrained(tmp)
+            loaded.tokenizer.save_pretrained(tmp)
+    return folder
+
+
+def _load(cfg: Any, nf4: bool = False) -> Loaded:
     torch_dtype = DTYPES[cfg.dtype]
     name = cfg.name
     quiet_transformers()
+    if nf4:
+        check_qlora_available()
+        if name == "tiny-gptj":
+            return _from_pretrained(str(_tiny_gptj_folder(cfg)), cfg, torch_dtype, quantization_config=nf4_config(cfg))
     if name == "tiny-gptj":
         from transformers import GPTJForCausalLM
 
@@ -233,20 +268,23 @@ def _load(cfg: Any) -> Loaded:
         gguf = smollm2_gguf() if name == "smollm2-135m" else Path(name).expanduser()
         if not gguf.is_file():
             raise UserError(f"model.name: GGUF file {gguf} not found")
-        loaded = _from_pretrained(str(gguf_as_folder(gguf, cfg)), cfg, torch_dtype)
+        quantize = {"quantization_config": nf4_config(cfg)} if nf4 else {}
+        loaded = _from_pretrained(str(gguf_as_folder(gguf, cfg)), cfg, torch_dtype, **quantize)
     else:
         check_model_name(name)
         path = resolve_path(name)
         if path is not None and (path / "adapter_config.json").is_file():
-            loaded = _load_adapter(path, cfg, torch_dtype)
+            loaded = _load_adapter(path, cfg, nf4)
         else:
-            loaded = _from_pretrained(str(path or name), cfg, torch_dtype)
+            quantize = {"quantization_config": nf4_config(cfg)} if nf4 else {}
+            loaded = _from_pretrained(str(path or name), cfg, torch_dtype, **quantize)
     _fix_pad(loaded.tokenizer)
     return loaded
 
 
-def _load_adapter(path: Path, cfg: Any, dtype: torch.dtype) -> Loaded:
-    """A saved LoRA adapter: load its base model (as recorded by t2tune), then the adapter."""
+def _load_adapter(path: Path, cfg: Any, nf4: bool = False) -> Loaded:
+    """A saved LoRA adapter: load its base model (as recorded by t2tune; 4-bit when it was
+    trained over 4-bit weights, :data:`NF4_FILE`), then the adapter."""
     from peft import PeftModel
 
     meta_file = path / "adapter_config.json"
@@ -261,7 +299,7 @@ def _load_adapter(path: Path, cfg: Any, dtype: torch.dtype) -> Loaded:
     if base_path is not None and (base_path / "adapter_config.json").is_file():
         raise UserError(f"{meta_file}: base_model_name_or_path '{base_name}' is itself an adapter"
                         f"{' (this one)' if base_path.resolve() == path.resolve() else ''}; it must name a full model")
-    base = _load(dataclasses.replace(cfg, name=base_name, revision=None))
+    base = _load(dataclasses.replace(cfg, name=base_name, revision=None), nf4 or (path / NF4_FILE).is_file())
     model = PeftModel.from_pretrained(base.model, str(path))
     return Loaded(model, base.tokenizer)
 
@@ -310,10 +348,11 @@ def wrap_lora(model: Any, lora_cfg: Any, base_name: str) -> Any:
 
 
 def check_qlora_available() -> None:
-    """QLoRA's preflight, run before anything slow starts."""
-    if not torch.cuda.is_available() or importlib.util.find_spec("bitsandbytes") is None:
-        raise UserError("train.method=qlora needs a CUDA GPU and the bitsandbytes package; "
-                        "use train.method=lora on this machine")
+    """QLoRA's preflight, run before anything slow starts (bitsandbytes 0.50 runs 4-bit
+    weights on CUDA and on the CPU)."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError("train.method=qlora needs the bitsandbytes package (pip install 'bitsandbytes>=0.50'); "
+                        "or use train.method=lora")
 
 
 def enable_gradient_checkpointing(model: Any) -> None:
@@ -330,8 +369,9 @@ def prepare_for_training(model: Any, train_cfg: Any, lora_cfg: Any, base_name: s
         set_dropout(model, train_cfg.dropout)
     if train_cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    if train_cfg.method == "qlora":
-        check_qlora_available()
+    if train_cfg.method == "qlora" and not is_quantized(model):
+        raise UserError("train.method=qlora: the model given is not 4-bit; load it with "
+                        "t2tune.models.load_model(cfg.model, nf4=True), or use train.method=lora")
     if train_cfg.method in ("lora", "qlora"):
         model = wrap_lora(model, lora_cfg, base_name)
     return model

@@ -60,10 +60,12 @@ def matmul_parameters(model: Any) -> tuple[int, int, int]:
     for param in model.parameters():
         if param is embedding or param is head_weight:
             continue
+        quant = getattr(param, "quant_state", None)  # a 4-bit weight is stored packed, two to a byte
+        count = quant.shape.numel() if quant is not None else param.numel()
         if param.requires_grad:
-            trained += param.numel()
+            trained += count
         else:
-            frozen += param.numel()
+            frozen += count
     return trained, frozen, head_weight.numel() if head_weight is not None else 0
 
 
