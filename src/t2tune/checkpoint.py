@@ -265,7 +265,8 @@ def save_hf(model: Any, tokenizer: Any, folder: Path, state_dict: dict[str, Any]
         model.save_pretrained(folder, state_dict=state_dict, save_embedding_layers=False)
         base = model.get_base_model()
         if getattr(base, "is_loaded_in_4bit", False):  # trained over 4-bit weights: t2tune loads the base so
-            (folder / NF4_FILE).write_text(base.config.quantization_config.to_json_string(use_diff=False), encoding="utf-8")
+            quantization = base.config.quantization_config.to_json_string(use_diff=False)
+            (folder / NF4_FILE).write_text(quantization, encoding="utf-8")
     else:
         model.save_pretrained(folder, state_dict=state_dict)
     tokenizer.save_pretrained(folder)

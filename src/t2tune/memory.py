@@ -66,26 +66,22 @@ class Estimate:
         return f"{self.total / GIB:.1f} GiB ({parts})"
 
 
+def _inner_linears(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Linear]]:
+    """Every Linear but the output layer (what LoRA's "all-linear" and bitsandbytes' 4 bits take)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and module is not head:
+            yield name, module
+
+
 def _lora_parameters(model: torch.nn.Module, targets: Any, r: int) -> int:
     """Adapter parameters LoRA adds: r × (in + out) for every targeted Linear (as peft matches
     names: the last name component; "all-linear" is every Linear but the output layer)."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    total = 0
-    for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear) or module is head:
-            continue
-        if targets == "all-linear" or name.rsplit(".", 1)[-1] in targets:
-            total += r * (module.in_features + module.out_features)
-    return total
+    return sum(r * (module.in_features + module.out_features) for name, module in _inner_linears(model)
+               if targets == "all-linear" or name.rsplit(".", 1)[-1] in targets)
 
 
 _NF4_BYTES = 0.5 + 0.127 / 8  # 4 bits, and the QLoRA paper's 0.127 bits of double-quantized scales
-
-
-def _linear_weights(model: torch.nn.Module) -> int:
-    """The weights bitsandbytes stores in 4 bits: every Linear's but the output layer's."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head)
 
 
 def estimate(config: Any, cfg: Any) -> Estimate:
@@ -108,7 +104,7 @@ def estimate(config: Any, cfg: Any) -> Estimate:
         trainable, trainable_bytes = params, weight_bytes
     weights = params * weight_bytes
     if t.method == "qlora":
-        packed = _linear_weights(skeleton)
+        packed = sum(module.weight.numel() for _, module in _inner_linears(skeleton))  # stored in 4 bits
         weights = packed * _NF4_BYTES + (params - packed) * weight_bytes
     compute = _BYTES[cfg.model.compute_dtype or ("bfloat16" if t.precision == "bf16" else cfg.model.dtype)]
     hidden = getattr(config, "hidden_size", None) or config.n_embd

@@ -249,10 +249,12 @@ def _load(cfg: Any, nf4: bool = False) -> Loaded:
     torch_dtype = DTYPES[cfg.dtype]
     name = cfg.name
     quiet_transformers()
+    quantize: dict[str, Any] = {}
     if nf4:
         check_qlora_available()
-        if name == "tiny-gptj":
-            return _from_pretrained(str(_tiny_gptj_folder(cfg)), cfg, torch_dtype, quantization_config=nf4_config(cfg))
+        quantize["quantization_config"] = nf4_config(cfg)
+        if name == "tiny-gptj":  # quantized while loading, so from a folder
+            name = str(_tiny_gptj_folder(cfg))
     if name == "tiny-gptj":
         from transformers import GPTJForCausalLM
 
@@ -268,7 +270,6 @@ def _load(cfg: Any, nf4: bool = False) -> Loaded:
         gguf = smollm2_gguf() if name == "smollm2-135m" else Path(name).expanduser()
         if not gguf.is_file():
             raise UserError(f"model.name: GGUF file {gguf} not found")
-        quantize = {"quantization_config": nf4_config(cfg)} if nf4 else {}
         loaded = _from_pretrained(str(gguf_as_folder(gguf, cfg)), cfg, torch_dtype, **quantize)
     else:
         check_model_name(name)
@@ -276,7 +277,6 @@ def _load(cfg: Any, nf4: bool = False) -> Loaded:
         if path is not None and (path / "adapter_config.json").is_file():
             loaded = _load_adapter(path, cfg, nf4)
         else:
-            quantize = {"quantization_config": nf4_config(cfg)} if nf4 else {}
             loaded = _from_pretrained(str(path or name), cfg, torch_dtype, **quantize)
     _fix_pad(loaded.tokenizer)
     return loaded
