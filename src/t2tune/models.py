@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import importlib.util
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -166,11 +167,20 @@ def resolve_path(name: str) -> Path | None:
     return weights_folder(path) if path.exists() else None
 
 
+def _not_hub_kernel_notice(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
+
+
 def quiet_transformers() -> None:
+    """Hush the libraries' chatter, including bitsandbytes' notice (on ``import peft``) that its
+    hub CPU kernel is unreachable: it falls back to its own kernel, and t2tune needs no hub."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    bnb_cpu = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if _not_hub_kernel_notice not in bnb_cpu.filters:
+        bnb_cpu.addFilter(_not_hub_kernel_notice)
 
 
 def check_model_name(name: str) -> None:
