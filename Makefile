@@ -32,6 +32,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench-train: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/python benchmarks/bench_train.py
 
 bench-eval: $(STAMP)

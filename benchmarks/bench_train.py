@@ -13,6 +13,13 @@ training FLOP/s (6 × parameters × tokens/s) against this CPU's measured bf16 m
 Two more rows per objective make the comparison honest: the Trainer with t2tune's allocator
 setting (``t2tune.runtime``), so that lever's share is visible, and t2tune at micro batch 4 with
 2 accumulation steps (the demo's setting: same rows per step, lower peak RSS).
+
+TRL is the second peer (``pip install trl``, a benchmark dependency only): ``SFTTrainer`` on
+prompt/completion pairs (loss on the completion for the target objective), ``packing=True``
+with ``packing_strategy`` ``bfd`` (padding-free, per-example position ids: what the demo's
+isolated packing trains) and ``wrapped`` (blocks cut across examples, which see each other).
+Their tokens are counted by the Trainer's ``num_input_tokens_seen``, all real (no padding).
+``--runners`` and ``--objectives`` pick a subset (comma-separated).
 """
 
 from __future__ import annotations
@@ -114,6 +121,53 @@ def worker_hf(objective: str, steps: int, malloc: bool = False) -> dict:
             "params": sum(p.numel() for p in loaded.model.parameters())}
 
 
+def worker_trl(objective: str, steps: int, strategy: str = "bfd") -> dict:
+    """What a TRL user writes for the demo's objective: ``SFTTrainer`` on prompt/completion
+    pairs of the same prompts, loss on the completion, packed. ``bfd``: best-fit decreasing,
+    padding-free (per-example position ids; without FlashAttention on CPU a micro batch is one
+    2,048-token sequence under a block-diagonal mask); ``wrapped``: 256-token blocks cut across
+    examples, which then attend to each other (cheaper, and not what the demo trains)."""
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    sys.path.insert(0, str(ROOT / "src"))
+    from t2tune.config import ModelConfig
+    from t2tune.data import load_examples
+    from t2tune.models import load_model
+    from t2tune.tasks import get_task
+
+    task = get_task("mnli")
+    loaded = load_model(ModelConfig(name="smollm2-135m"))
+    rows = load_examples(task, str(DATA), "train")
+    ds = Dataset.from_dict({"prompt": [task.prompt_text(r) for r in rows],
+                            "completion": [" " + task.target_text(r) for r in rows]})
+    stamps, tokens, losses = [], [], []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            stamps.append(time.perf_counter())
+            tokens.append(state.num_input_tokens_seen)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                losses.append(logs["loss"])
+
+    # every token of a packed batch is real: bfd is padding-free, wrapped fills its blocks
+    args = SFTConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=MICRO, max_steps=steps,
+                     learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, bf16=True, use_cpu=True,
+                     logging_steps=1, save_strategy="no", report_to=[], seed=42, dataloader_num_workers=0,
+                     max_grad_norm=1.0, weight_decay=0.0, max_length=SEQ_LEN, packing=True,
+                     packing_strategy=strategy, completion_only_loss=objective == "target",
+                     include_num_input_tokens_seen="all", dataset_num_proc=None)
+    SFTTrainer(model=loaded.model, args=args, train_dataset=ds, processing_class=loaded.tokenizer,
+               callbacks=[Clock()]).train()
+    seconds = stamps[-1] - stamps[WARM - 1]
+    return {"tokens_per_s": (tokens[-1] - tokens[WARM - 1]) / seconds, "final_loss": losses[-1],
+            "mean_loss": sum(losses) / len(losses), "peak_rss_mib": _peak_rss_mib(),
+            "params": sum(p.numel() for p in loaded.model.parameters())}
+
+
 def bf16_matmul_peak() -> float:
     import torch
 
@@ -132,6 +186,8 @@ RUNNERS = {
     "HF Trainer + malloc": lambda objective, steps: worker_hf(objective, steps, malloc=True),
     "t2tune": worker_t2tune,
     "t2tune micro 4 x 2": lambda objective, steps: worker_t2tune(objective, steps, micro=4),
+    "TRL SFT bfd": worker_trl,
+    "TRL SFT wrapped": lambda objective, steps: worker_trl(objective, steps, strategy="wrapped"),
 }
 
 
@@ -141,6 +197,8 @@ def main() -> None:
     parser.add_argument("--out", default="runs/bench/bench_train.json")
     parser.add_argument("--worker", choices=list(RUNNERS))
     parser.add_argument("--objective", choices=["all", "target"], default="all")
+    parser.add_argument("--objectives", default="all,target", help="comma-separated: all, target")
+    parser.add_argument("--runners", default=",".join(RUNNERS), help=f"comma-separated, of: {', '.join(RUNNERS)}")
     args = parser.parse_args()
     if args.worker:
         print("RESULT " + json.dumps(RUNNERS[args.worker](args.objective, args.steps)))
@@ -155,8 +213,12 @@ def main() -> None:
         parser.error(str(exc))
     peak = bf16_matmul_peak()
     table = []
-    for objective in ("all", "target"):
-        for who in RUNNERS:
+    runners = args.runners.split(",")
+    unknown = sorted(set(runners) - set(RUNNERS))
+    if unknown:
+        parser.error(f"--runners: unknown {', '.join(unknown)} (known: {', '.join(RUNNERS)})")
+    for objective in args.objectives.split(","):
+        for who in runners:
             proc = subprocess.run([sys.executable, __file__, "--worker", who, "--objective", objective,
                                    "--steps", str(args.steps)], capture_output=True, text=True)
             line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
@@ -171,11 +233,14 @@ def main() -> None:
           f"{'peak RSS MiB':>14}"
           f"{'of bf16 peak':>14}")
     for row in table:
-        base = next(r for r in table if r["objective"] == row["objective"] and r["runner"] == "HF Trainer")
+        base = next((r for r in table if r["objective"] == row["objective"] and r["runner"] == "HF Trainer"), row)
         row["ratio_vs_hf"] = row["tokens_per_s"] / base["tokens_per_s"]
+        trl = [r["tokens_per_s"] for r in table if r["objective"] == row["objective"] and r["runner"].startswith("TRL")]
+        row["ratio_vs_faster_trl"] = row["tokens_per_s"] / max(trl) if trl else None
         print(f"{row['objective']:<10}{row['runner']:<22}{row['tokens_per_s']:>10.0f}{row['ratio_vs_hf']:>7.2f}"
               f"{row['final_loss']:>12.4f}{row['mean_loss']:>11.4f}{row['peak_rss_mib']:>14.0f}"
-              f"{row['fraction_of_bf16_peak']:>14.2f}")
+              f"{row['fraction_of_bf16_peak']:>14.2f}"
+              + (f"  {row['ratio_vs_faster_trl']:.2f}x the faster TRL arm" if row["ratio_vs_faster_trl"] else ""))
     report = {"benchmark": "bench_train", "steps": args.steps, "seq_len": SEQ_LEN, "micro_batch": MICRO,
               "bf16_matmul_peak_flops": peak, "machine": platform.processor() or platform.machine(),
               "date": time.strftime("%Y-%m-%d"), "rows": table}

@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import MNLI_ROWS, tiny_config
 
+from t2tune import speed
 from t2tune.checkpoint import RunFolder
 from t2tune.config import ModelConfig
 from t2tune.errors import UserError
@@ -15,7 +16,7 @@ from t2tune.evaluation import evaluate
 from t2tune.models import load_model
 from t2tune.recipe import train
 from t2tune.report import plot_reliability
-from t2tune.speed import matmul_parameters, model_flops, peak_tflops
+from t2tune.speed import Peak, machine, matmul_parameters, model_flops, peak_tflops
 from t2tune.tasks import get_task
 
 
@@ -57,6 +58,7 @@ def test_speed_figures_in_metrics_jsonl(tmp_path, mnli_dir):
     events = _events(tmp_path / "run")
     start, end = events[0], events[-1]
     assert start["peak_tflops"] == 0.5 and start["peak_source"] == "train.peak_tflops"
+    assert end["peak_tflops"] == 0.5 and start["peak_probes"] == {} and start["peak_measured_at"] is None
     assert 0 < start["packing_efficiency"] <= 1 and start["packing_check"]["drift"] < 1e-3
     assert all(e["mfu"] > 0 for e in events if e["event"] == "train")
     assert end["event"] == "end" and 0 < end["validation_share"] < 1 and end["mfu"] > 0
@@ -78,12 +80,20 @@ def test_model_flops_count_matmul_parameters(tiny):
     assert frozen == 0 and trained + tied == sum(p.numel() for p in smol.parameters()) and tied == 49152 * 576
 
 
-def test_the_measured_peak_is_cached(tmp_path, monkeypatch):
+def test_the_peak_is_measured_at_each_start_and_the_cache_is_only_a_labelled_fallback(tmp_path, monkeypatch):
     monkeypatch.setenv("T2TUNE_CACHE", str(tmp_path))
-    first, how = peak_tflops(torch.device("cpu"), torch.float32)
-    assert how == "measured" and first > 0
-    assert peak_tflops(torch.device("cpu"), torch.float32) == (first, "cached")
-    assert peak_tflops(torch.device("cpu"), torch.float32, given=3.0) == (3.0, "train.peak_tflops")
+    cpu = torch.device("cpu")
+    (tmp_path / "peak_tflops.json").write_text(json.dumps({machine(cpu, torch.float32): 999.0}))
+    peak = peak_tflops(cpu, torch.float32)  # a stale (or busy-day) figure in the cache is not used
+    assert peak.source == "measured at start" and 0 < peak.tflops < 999 and peak.tflops == max(peak.probes)
+    assert len(peak.probes) >= 5 and peak.spread["min"] <= peak.spread["median"] <= peak.spread["best"]
+    assert peak.describe().startswith(f"measured at start {peak.measured_at[11:16]} UTC; probes min ")
+    monkeypatch.setattr(speed, "measure_peak_probes", lambda *a: (_ for _ in ()).throw(RuntimeError("no bf16")))
+    fallback = peak_tflops(cpu, torch.float32)
+    assert (fallback.tflops, fallback.source) == (round(peak.tflops, 4), f"cached, measured {peak.measured_at}")
+    (tmp_path / "peak_tflops.json").unlink()
+    assert peak_tflops(cpu, torch.float32).tflops == 0.0  # no figure at all: MFU is not claimed
+    assert peak_tflops(cpu, torch.float32, given=3.0) == Peak(3.0, "train.peak_tflops")
 
 
 def test_score_mode_reports_probabilities_and_calibration(tiny, tmp_path):

@@ -132,13 +132,20 @@ def test_fp32_compute_and_bf16_autocast_are_refused_together():
         load_config(None, ["model.compute_dtype=float32", "eval.precision=bf16-checked"])
 
 
-def test_peak_memory_is_reported_by_stage(tmp_path, mnli_dir):
+def test_peak_memory_is_reported_by_stage(tmp_path, mnli_dir, capsys):
     train(tiny_config(tmp_path / "run", mnli_dir, **{"train.steps": 2, "model.dtype": "bfloat16",
                                                       "model.compute_dtype": "float32", "train.method": "lora"}))
     events = [json.loads(line) for line in RunFolder(tmp_path / "run").metrics.read_text().splitlines()]
     peaks = events[-1]["peak_rss_gib"]
     assert {"load", "train", "validate", "checkpoint", "export", "run"} <= peaks.keys()
     assert all(0 < v <= peaks["run"] for v in peaks.values())
+    summary = capsys.readouterr().err
+    line = next(line for line in summary.splitlines() if line.startswith("t2tune: peak RSS (GiB) by stage: "))
+    assert all(f"{stage} {peaks[stage]:.2f}" in line for stage in ("load", "train", "validate", "export", "run"))
+    # the MFU peak was measured at this run's start (train.peak_tflops unset), and the line says so
+    start = events[0]
+    assert start["peak_source"] == "measured at start" and start["peak_probes"]["best"] == start["peak_tflops"]
+    assert f"measured at start {start['peak_measured_at'][11:16]} UTC; probes min" in summary
     assert events[-1]["gate_drift"] is not None
 
 

@@ -72,6 +72,9 @@ class TrainConfig:
     truncate: bool = False  # cut over-long examples instead of stopping
     method: str = "full"  # full | lora | qlora
     gradient_checkpointing: bool = False
+    # torch.compile the decoder for training (the output layer + loss stay eager: their shapes
+    # follow the labels); validation stays eager, as generation's shapes change every token
+    compile: bool = False
     log_every: int = 1  # optimizer steps between metrics.jsonl lines
     threads: int | None = None  # torch intra-op threads, set by the CLI; null keeps torch's choice
     max_minutes: float | None = None  # stop (validate, checkpoint, export) after this much training time
@@ -231,8 +234,8 @@ MAX_CONFIG_BYTES = 1 << 20  # configs and task files are a few hundred bytes; th
 RESUME_SAFE = {"out_dir", "train.steps", "checkpoint.every", "checkpoint.keep", "eval.every", "eval.limit",
                "eval.batch_size", "eval.max_new_tokens", "eval.seq_len", "eval.mode", "eval.precision",
                "eval.entity_parsing", "train.log_every", "train.threads", "train.max_minutes", "data.validation",
-               "data.validation_split", "eval.patience", "export.from", "export.gate", "export.merge", "log.to", "train.peak_tflops",
-               "train.packing_check"}
+               "data.validation_split", "eval.patience", "export.from", "export.gate", "export.merge", "log.to",
+               "train.peak_tflops", "train.packing_check", "train.compile"}
 
 
 def _type_ok(value: Any, tp: Any) -> bool:

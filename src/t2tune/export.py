@@ -183,7 +183,9 @@ def lora_merged_tensors(peft_model: Any, weights: dict[str, torch.Tensor] | None
             module = bare.removesuffix(".base_layer.weight")
             a = state[f"{PEFT_PREFIX}{module}.lora_A.default.weight"]
             b = state[f"{PEFT_PREFIX}{module}.lora_B.default.weight"]
-            scale = peft_model.get_submodule(module).scaling["default"]
+            # looked up from the base model: on the peft wrapper, Llama's `model.` prefix would
+            # resolve to the wrapped LlamaForCausalLM instead of its inner `model`
+            scale = peft_model.get_base_model().get_submodule(module).scaling["default"]
             out[name] = (like, lambda w=make, a=a, b=b, s=scale: _merged(w(), a, b, s, loss))
         else:
             out[name] = (like, make)

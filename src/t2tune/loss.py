@@ -28,17 +28,31 @@ class LossModule(torch.nn.Module):
     (``linear_ce``), so not even the (N, V) logits exist.
     """
 
-    def __init__(self, model: Any):
+    def __init__(self, model: Any, compile: bool = False):
         super().__init__()
         self.model = model
+        self.compile = compile
+        # ``train.compile``: the decoder (or the whole model) compiled by torch.compile, kept in a
+        # plain dict so it adds no state-dict keys; validation's generate runs the eager model
+        self._compiled: dict[int, Any] = {}
+
+    def _maybe_compiled(self, module: Any) -> Any:
+        if not self.compile:
+            return module
+        if id(module) not in self._compiled:  # looked up per call: FSDP replaces modules in place
+            # fallback_random: dropout draws eager's masks from the global RNG, so a compiled run
+            # resumes exactly and matches an eager one (inductor's own RNG would not)
+            self._compiled = {id(module): torch.compile(module, options={"fallback_random": True})}
+        return self._compiled[id(module)]
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         keep = labels != IGNORE_INDEX  # (B, T)
         # position_ids without an attention mask: transformers derives the block-diagonal
-        # causal mask of isolated packing from restarts in position_ids
+        # causal mask of isolated packing from restarts in position_ids (always, when compiled)
         split = decoder_and_head(self.model)
         if split is not None:
             decoder, head = split
+            decoder = self._maybe_compiled(decoder)
             hidden = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False)[0]  # (B, T, H)
             # ZeRO-3 gathers a module's weight only when the module itself is called
             if type(head) is torch.nn.Linear and not hasattr(head.weight, "ds_id"):
@@ -46,6 +60,7 @@ class LossModule(torch.nn.Module):
                                             dtype=layer_compute_dtype(head))
             logits = head(hidden[keep])  # (N, V)
         else:
-            logits = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits[keep]
+            model = self._maybe_compiled(self.model)
+            logits = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits[keep]
         return F.cross_entropy(logits.float(), labels[keep], reduction="sum")
 

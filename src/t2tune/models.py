@@ -196,6 +196,8 @@ def load_model(cfg: Any, nf4: bool = False) -> Loaded:
     """Load per a ModelConfig (name, revision, dtype, compute_dtype, attn_implementation,
     trust_remote_code); ``nf4``: the base's linear layers quantized to 4 bits (QLoRA)."""
     loaded = _load(cfg, nf4)
+    if is_quantized(loaded.model):
+        one_4bit_layout(loaded.model)
     wide = getattr(cfg, "compute_dtype", None)
     if wide is not None:
         compute_in(loaded.model, DTYPES[wide])
@@ -236,6 +238,17 @@ def nf4_config(cfg: Any) -> Any:
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                               bnb_4bit_compute_dtype=DTYPES[cfg.compute_dtype or cfg.dtype],
                               bnb_4bit_quant_storage=torch.uint8)
+
+
+def one_4bit_layout(model: Any) -> None:
+    """Keep bitsandbytes from repacking 4-bit weights, in place, for its bf16 CPU kernel the
+    first time a layer runs in eval mode without gradients (validation, the packing self-test):
+    training would then call that inference-only kernel, which gives the input no gradient
+    (and raises over GPT-J's biases), and its bf16 arithmetic moved the packing self-test's
+    losses by 3e-3 nats/token. Every call dequantizes and multiplies in the compute dtype."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def is_quantized(model: Any) -> bool:

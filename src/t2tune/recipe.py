@@ -57,7 +57,7 @@ from .packing import PackedRow, pack
 from .precision import compute_dtype_of
 from .report import MetricsLog, Trackers, check_trackers, model_card, read_events, refresh_plots, tracker_settings
 from .runtime import return_freed_memory
-from .speed import mfu, model_flops, packing_efficiency, peak_tflops
+from .speed import Peak, mfu, model_flops, packing_efficiency, peak_tflops
 from .tasks import Task, get_task
 from .tokenize import encode_for_training, encode_prompts
 from .training import (
@@ -127,6 +127,9 @@ def prepare(cfg: RunConfig, *, overwrite: bool = False, task: Task | None = None
         raise ConfigError("log.to: an accelerator passed in brings its own trackers (Accelerator(log_with=...)); "
                           "leave log.to empty")
     process = process_state()
+    if cfg.train.compile and _sharded_launch(process):
+        raise ConfigError("train.compile: not under DeepSpeed or FSDP (their parameter hooks are untested with "
+                          "torch.compile here); launch without them, or set train.compile=false")
     if cfg.train.method == "qlora" and (process.num_processes > 1 or _sharded_launch(process)):
         raise ConfigError("train.method=qlora runs in one process (4-bit weights are untested under DDP and are not "
                           "sharded by DeepSpeed or FSDP); launch one process, or use train.method=lora")
@@ -196,7 +199,7 @@ def prepare(cfg: RunConfig, *, overwrite: bool = False, task: Task | None = None
     else:
         mix = _mix(cfg, members, encoded)
         rows_of = EpochRows(encoded, [mix[m.name]["per_epoch"] for m in members], t.seed, packed).rows
-    loss_module = LossModule(model)
+    loss_module = LossModule(model, compile=t.compile)
     # together: DeepSpeed builds its engine around the model and the optimizer at once
     loss_module, optimizer = accelerator.prepare(loss_module, make_optimizer(loss_module, t))
     engine = Engine(accelerator, loss_module, optimizer, None, tokenizer.pad_token_id)
@@ -385,7 +388,7 @@ class Run:
         self.flops = model_flops(model, cfg.train.seq_len)
         # the MFU peak, its dtype and where it came from, and the rows' packing efficiency: set
         # when training starts
-        self.peak, self.peak_source, self.peak_dtype, self.packing_efficiency = 0.0, "", torch.float32, 0.0
+        self.peak, self.peak_dtype, self.packing_efficiency = Peak(0.0, ""), torch.float32, 0.0
         self._since = time.perf_counter()  # wall_seconds counts from here
         self.packing_report: dict[str, Any] = {}  # the packing self-test's drift and seconds
         self.merge_loss = MergeLoss()  # what the export's LoRA merge lost to rounding
@@ -414,15 +417,21 @@ class Run:
         checked = self.check_packing()
         t = self.cfg.train
         self.peak_dtype = torch.bfloat16 if t.precision == "bf16" else compute_dtype_of(self.model)
-        self.peak, self.peak_source = peak_tflops(self.accelerator.device, self.peak_dtype, t.peak_tflops)
+        self.peak = peak_tflops(self.accelerator.device, self.peak_dtype, t.peak_tflops)
         self.packing_efficiency = round(packing_efficiency(self.rows, t.seq_len), 4)
         self._since = time.perf_counter()
         self.log_file.write({"event": "start", "step": self.state.optimizer_step, "resumed": resumed,
                              "rows": len(self.rows), "dropped_examples": self.dropped,
                              "packing_efficiency": self.packing_efficiency, "flops_per_token": self.flops.per_token,
-                             "flops_per_label": self.flops.per_label, "peak_tflops": round(self.peak, 4),
-                             "peak_source": self.peak_source, **checked, **({"mix": self.mix} if self.mix else {}),
-                             "processes": self.accelerator.num_processes, "t2tune": __version__})
+                             "flops_per_label": self.flops.per_label, "peak_tflops": round(self.peak.tflops, 4),
+                             "peak_source": self.peak.source, "peak_probes": self.peak.spread,
+                             "peak_measured_at": self.peak.measured_at or None, **checked,
+                             **({"mix": self.mix} if self.mix else {}), "processes": self.accelerator.num_processes,
+                             "t2tune": __version__})
+        # from_pretrained hands the model over in eval mode, where dropout (train.dropout, LoRA's)
+        # is off and bitsandbytes swaps 4-bit weights to an inference-only kernel; validation
+        # and the self-tests put back the mode they found
+        self.model.train()
         from tqdm.auto import tqdm
 
         total = None if self.cfg.train.steps == "auto" else self.cfg.train.steps
@@ -524,7 +533,7 @@ class Run:
         return self.state.wall_seconds
 
     def mfu(self, flops: float, seconds: float) -> float:
-        return mfu(flops, seconds, self.peak, self.accelerator.num_processes)
+        return mfu(flops, seconds, self.peak.tflops, self.accelerator.num_processes)
 
     def summary(self, exported: dict[str, Any], gate: GateReport | None) -> dict[str, Any]:
         """The end-of-run numbers; printed as a few lines on stderr, returned for metrics.jsonl."""
@@ -538,11 +547,13 @@ class Run:
                    "validation_share": round(s.eval_seconds / wall, 4), "best": s.best,
                    "exported_step": exported.get("step"), "export": str(self.folder.export),
                    "gate_drift": gate.drift if gate else None, "merge_rounding_lost": round(self.merge_loss.share, 4),
+                   "peak_tflops": round(self.peak.tflops, 4), "peak_source": self.peak.source,
                    "peak_rss_gib": RSS.gib()}
         precision = "bf16" if t.precision == "bf16" else str(self.peak_dtype).removeprefix("torch.")
         say(f"{s.optimizer_step} steps, {s.tokens_seen:,} tokens in {s.wall_seconds / 60:.1f} min: training "
             f"{s.train_seconds / 60:.1f} min at {tps:,.0f} tokens/s (MFU {numbers['mfu']:.1%} of "
-            f"{self.peak:.3g} TFLOP/s {precision}, {self.peak_source}), validation {s.eval_seconds / 60:.1f} min "
+            f"{self.peak.tflops:.3g} TFLOP/s {precision}, {self.peak.describe()}), "
+            f"validation {s.eval_seconds / 60:.1f} min "
             f"({numbers['validation_share']:.1%} of the wall time)")
         test = self.packing_report
         test_text = f"; packing self-test passed (drift {test['drift']:.2g} nats/token, {test['seconds']:.1f} s)" \

@@ -20,13 +20,16 @@ token are (the PaLM paper's accounting, appendix B)::
   checkpointing's recomputation is not model FLOPs.
 
 The peak is ``train.peak_tflops`` when given; otherwise a short matmul in the training
-precision measures it once per machine and the figure is cached (``T2TUNE_CACHE``).
+precision measures it at each run's start (best of several probes, their spread reported), since
+machines that look alike differ between days. A cached figure (``T2TUNE_CACHE``) is only the
+fallback where the probe cannot run, labelled with when it was measured.
 """
 
 from __future__ import annotations
 
 import json
 import platform
+import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -109,14 +112,82 @@ def _cpu_model() -> str:
     return ""
 
 
-def measure_peak_tflops(device: torch.device, dtype: torch.dtype, seconds: float = 0.5) -> float:
-    """Dense matmul throughput of ``device`` in ``dtype``, best of a few timed runs (TFLOP/s)."""
+@dataclass(frozen=True)
+class Peak:
+    """The peak MFU is measured against: ``tflops``, where it came from (``source``), and, when
+    measured, each probe's TFLOP/s and the UTC time of the measurement."""
+
+    tflops: float
+    source: str
+    probes: tuple[float, ...] = ()
+    measured_at: str = ""
+
+    @property
+    def spread(self) -> dict[str, float]:
+        """The probes' min, median and best (the peak), for a machine that was busy at times."""
+        if not self.probes:
+            return {}
+        ordered = sorted(self.probes)
+        return {"min": round(ordered[0], 4), "median": round(statistics.median(ordered), 4),
+                "best": round(ordered[-1], 4), "probes": len(ordered)}
+
+    def describe(self) -> str:
+        """``"measured at start 17:45 UTC; probes min 0.25, median 0.3"``, or the setting or the cache."""
+        if self.source != "measured at start":
+            return self.source
+        spread = self.spread
+        return (f"measured at start {self.measured_at[11:16]} UTC; probes min {spread['min']:.3g}, "
+                f"median {spread['median']:.3g}")
+
+
+def peak_tflops(device: torch.device, dtype: torch.dtype, given: float | None = None) -> Peak:
+    """The peak MFU is measured against: ``given`` (``train.peak_tflops``); else measured now, at
+    the run's start, since this project's VMs share a CPU model string and differ ~2x between
+    days. The cache, keyed by :func:`machine`, is a fallback for a device that cannot run the
+    probe, and says when its figure was measured."""
+    if given is not None:
+        return Peak(given, "train.peak_tflops")
+    from .files import cache_dir
+
+    path, key = cache_dir() / "peak_tflops.json", machine(device, dtype)
+    try:
+        known = parse_json(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        known = {}
+    known = known if isinstance(known, dict) else {}
+    try:
+        probes = measure_peak_probes(device, dtype)
+    except RuntimeError:  # a dtype the device cannot multiply in
+        entry = known.get(key)
+        if isinstance(entry, dict) and isinstance(entry.get("tflops"), (int, float)):
+            when = entry.get("measured_at") if isinstance(entry.get("measured_at"), str) else "at an unknown time"
+            return Peak(float(entry["tflops"]), f"cached, measured {when}")
+        return Peak(0.0, "not measured (the probe failed here, and no cached figure)")
+    peak = Peak(max(probes), "measured at start", tuple(probes),
+                time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    known[key] = {"tflops": round(peak.tflops, 4), "measured_at": peak.measured_at}
+    try:
+        with atomic_file(path) as handle:
+            handle.write(json.dumps(known, indent=1))
+    except OSError:
+        pass  # a read-only cache: it is only a fallback
+    return peak
+
+
+def measure_peak_probes(device: torch.device, dtype: torch.dtype, seconds: float = 0.5,
+                        probes: int = 5) -> list[float]:
+    """Dense matmul throughput of ``device`` in ``dtype``: at least ``probes`` timed runs of
+    four matmuls each, more while ``seconds`` last (TFLOP/s of each run)."""
     n = 4096 if device.type == "cuda" else 1024
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    best = float("inf")
+    # a private generator: drawing from the global one would move dropout's masks (and a resumed
+    # run's restored RNG state), so a run's result would depend on whether the peak was measured
+    generator = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
+    torch.mm(a, b)  # warm-up: the first call pays for allocation and kernel choice
+    found: list[float] = []
     deadline = time.perf_counter() + seconds
-    for attempt in range(50):
+    while len(found) < probes or (time.perf_counter() < deadline and len(found) < 50):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
@@ -124,32 +195,10 @@ def measure_peak_tflops(device: torch.device, dtype: torch.dtype, seconds: float
             torch.mm(a, b)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        best = min(best, (time.perf_counter() - start) / 4)
-        if attempt >= 2 and time.perf_counter() > deadline:
-            break
-    return 2 * n**3 / best / 1e12
+        found.append(2 * n**3 * 4 / max(time.perf_counter() - start, 1e-9) / 1e12)
+    return found
 
 
-def peak_tflops(device: torch.device, dtype: torch.dtype, given: float | None = None) -> tuple[float, str]:
-    """The peak MFU is measured against, and where it came from (``given``, ``cached``, ``measured``)."""
-    if given is not None:
-        return given, "train.peak_tflops"
-    from .files import cache_dir
-
-    path = cache_dir() / "peak_tflops.json"
-    key = machine(device, dtype)
-    try:
-        known = parse_json(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        known = {}
-    if isinstance(known, dict) and isinstance(known.get(key), (int, float)):
-        return float(known[key]), "cached"
-    value = measure_peak_tflops(device, dtype)
-    known = known if isinstance(known, dict) else {}
-    known[key] = value
-    try:
-        with atomic_file(path) as handle:
-            handle.write(json.dumps(known, indent=1))
-    except OSError:
-        pass  # a read-only cache: measured again next time
-    return value, "measured"
+def measure_peak_tflops(device: torch.device, dtype: torch.dtype, seconds: float = 0.5) -> float:
+    """The best of :func:`measure_peak_probes` (TFLOP/s)."""
+    return max(measure_peak_probes(device, dtype, seconds))
