@@ -1,6 +1,6 @@
 """train.compile against eager, same run, same machine: step time, compile time, break-even, losses.
 
-    .venv/bin/python benchmarks/bench_compile.py [--steps 12] [--models demo,tiny] [--out runs/bench/bench_compile.json]
+    .venv/bin/python benchmarks/bench_compile.py [--steps 12] [--settings "tiny fp32,demo bf16"] [--out runs/bench/bench_compile.json]
 
 Each arm is ``t2tune``'s own recipe in its own process (``recipe.prepare`` + ``train``, no
 validation rows), eager and ``train.compile: true`` alternated, each compiled arm with an empty
@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, claim_out  # noqa: E402 (benchmarks/ is on sys.path when run)
 DATA = ROOT.parent / "shared" / "data" / "mnli"
 WARM = 2
 SETTINGS = {
@@ -76,14 +76,7 @@ def main() -> None:
     if args.worker:
         print("RESULT " + json.dumps(worker(args.worker, args.compiled, args.steps)))
         return
-    sys.path.insert(0, str(ROOT / "src"))
-    from t2tune.errors import UserError
-    from t2tune.files import check_new_file, json_field
-
-    try:  # its own earlier JSON is written over, nothing else
-        check_new_file(Path(args.out), "--out", lambda path: json_field(path, "benchmark") == "bench_compile")
-    except UserError as exc:
-        parser.error(str(exc))
+    claim_out(parser, args.out, "bench_compile")  # its own earlier JSON is written over, nothing else
     rows = []
     for setting in args.settings.split(","):
         arms = {}

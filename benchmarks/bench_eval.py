@@ -21,14 +21,12 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, claim_out
 sys.path.insert(0, str(ROOT / "src"))
 
 from t2tune.config import ModelConfig  # noqa: E402
 from t2tune.data import load_examples  # noqa: E402
-from t2tune.errors import UserError  # noqa: E402
 from t2tune.evaluation import evaluate  # noqa: E402
-from t2tune.files import check_new_file, json_field  # noqa: E402
 from t2tune.models import load_model  # noqa: E402
 from t2tune.precision import precision_context  # noqa: E402
 from t2tune.runtime import keep_freed_memory  # noqa: E402
@@ -70,10 +68,7 @@ def main() -> None:
     parser.add_argument("--model-dir", default=None, help="evaluate this model instead (e.g. an out_dir)")
     parser.add_argument("--out", default="runs/bench/bench_eval.json")
     args = parser.parse_args()
-    try:  # its own earlier JSON is written over, nothing else
-        check_new_file(Path(args.out), "--out", lambda path: json_field(path, "benchmark") == "bench_eval")
-    except UserError as exc:
-        parser.error(str(exc))
+    claim_out(parser, args.out, "bench_eval")  # its own earlier JSON is written over, nothing else
     keep_freed_memory()  # as the CLI does; the baseline loop runs in this process and profits too
     task = get_task("mnli")
     rows = load_examples(task, args.data, "validation", limit=args.n)

@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, claim_out  # noqa: E402 (benchmarks/ is on sys.path when run)
 DATA = ROOT.parent / "shared" / "data" / "mnli"
 SEQ_LEN, MICRO, LR, WARM = 256, 8, 2e-4, 2
 
@@ -203,14 +203,7 @@ def main() -> None:
     if args.worker:
         print("RESULT " + json.dumps(RUNNERS[args.worker](args.objective, args.steps)))
         return
-    sys.path.insert(0, str(ROOT / "src"))
-    from t2tune.errors import UserError
-    from t2tune.files import check_new_file, json_field
-
-    try:  # its own earlier JSON is written over, nothing else
-        check_new_file(Path(args.out), "--out", lambda path: json_field(path, "benchmark") == "bench_train")
-    except UserError as exc:
-        parser.error(str(exc))
+    claim_out(parser, args.out, "bench_train")  # its own earlier JSON is written over, nothing else
     peak = bf16_matmul_peak()
     table = []
     runners = args.runners.split(",")
