@@ -24,7 +24,7 @@ def test_all_problems_reported_at_once(tmp_path):
         load_config(path, ["eval.batch_size=many"])
     msg = str(err.value)
     for key in ("train.stepz: unknown key", "train.lr: expected float", "foo: unknown key",
-                "eval.batch_size: expected int"):
+                "eval.batch_size: expected int", "train.packing: must be one of"):
         assert key in msg, msg
 
 
