@@ -176,8 +176,9 @@ def peak_tflops(device: torch.device, dtype: torch.dtype, given: float | None = 
 
 def measure_peak_probes(device: torch.device, dtype: torch.dtype, seconds: float = 0.5,
                         probes: int = 5) -> list[float]:
-    """Dense matmul throughput of ``device`` in ``dtype``: at least ``probes`` timed runs of
-    four matmuls each, more while ``seconds`` last (TFLOP/s of each run)."""
+    """Dense matmul throughput of ``device`` in ``dtype``: timed runs of four matmuls each
+    (TFLOP/s of each run) while ``seconds`` last, at least ``probes`` of them unless that takes
+    four times as long (an emulated dtype: one run can take a minute), and at least one."""
     n = 4096 if device.type == "cuda" else 1024
     # a private generator: drawing from the global one would move dropout's masks (and a resumed
     # run's restored RNG state), so a run's result would depend on whether the peak was measured
@@ -186,8 +187,13 @@ def measure_peak_probes(device: torch.device, dtype: torch.dtype, seconds: float
     b = torch.randn(n, n, device=device, dtype=dtype, generator=generator)
     torch.mm(a, b)  # warm-up: the first call pays for allocation and kernel choice
     found: list[float] = []
-    deadline = time.perf_counter() + seconds
-    while len(found) < probes or (time.perf_counter() < deadline and len(found) < 50):
+    began = time.perf_counter()
+
+    def more() -> bool:
+        spent = time.perf_counter() - began
+        return not found or (len(found) < 50 and (spent < seconds or (len(found) < probes and spent < 4 * seconds)))
+
+    while more():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
