@@ -11,7 +11,7 @@ Layout of an ``out_dir`` (no other module spells these names)::
     hf/                     the Hugging Face export
     checkpoints/step-N/     one complete checkpoint (written under a temporary name, then renamed):
         model/              Hugging Face folder (or a peft adapter folder) + tokenizer
-        optimizer.pt        optimizer and scheduler state   (loaded with weights_only=True)
+        optimizer.pt        optimizer and scheduler state, train.ema's averages (weights_only=True)
         engine/             instead of the optimizer entry: accelerate's sharded save_state
         rng.pt              torch and Python RNG state      (loaded with weights_only=True)
         state.json          optimizer step, data position, tokens seen, time, best validation
@@ -302,14 +302,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def write_checkpoint(folder: RunFolder, step: int, model: Any, tokenizer: Any, optimizer: Any, scheduler: Any,
                      state: dict[str, Any], model_state: dict[str, Any] | None = None,
-                     engine_state: Path | None = None) -> StepFolder:
+                     engine_state: Path | None = None, average: dict[str, Any] | None = None) -> StepFolder:
     """Commit ``step-N/``: HF weights (``model/``), optimizer + scheduler (``optimizer.pt``) or the
-    engine's own save (``engine/``, when ``engine_state`` is given), RNG and train state."""
+    engine's own save (``engine/``, when ``engine_state`` is given), the weight averages of
+    ``train.ema`` (``optimizer.pt``), RNG and train state."""
     final = folder.step(step)
     with atomic_dir(final.path) as tmp:
         parts = StepFolder(tmp)
         save_hf(model, tokenizer, parts.model, state_dict=model_state)
-        saved = {"scheduler": scheduler.state_dict()}
+        saved = {"scheduler": scheduler.state_dict(), **({"ema": average} if average is not None else {})}
         if engine_state is not None:
             os.replace(engine_state, parts.engine)
         else:
@@ -370,6 +371,15 @@ def read_checkpoint(step: StepFolder) -> tuple[dict[str, Any], dict[str, Any], d
     if problem:
         raise UserError(f"{step.path}: corrupt checkpoint ({problem}); delete it to resume from an older one")
     return state, opt, rng
+
+
+def read_average(step: StepFolder) -> Any:
+    """The weight averages (``train.ema``) of a checkpoint that :func:`read_checkpoint` has
+    accepted, mapped rather than read: the optimizer state beside them stays on disk."""
+    try:
+        return torch.load(step.optimizer, weights_only=True, map_location="cpu", mmap=True).get("ema")
+    except Exception as exc:  # noqa: BLE001 (as in read_checkpoint)
+        raise UserError(f"{step.optimizer}: corrupt checkpoint ({str(exc)[:200]})") from None
 
 
 _STATE_TYPES = {"optimizer_step": int, "epoch": int, "row_in_epoch": int, "tokens_seen": int,

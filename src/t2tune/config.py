@@ -85,6 +85,9 @@ class TrainConfig:
     # isolated packing: check at the start that packed rows give each example the loss it has
     # alone (the attention implementation honours position-id restarts); see guards.py
     packing_check: bool = True
+    # weight averaging: the decay of an exponential moving average of the trained weights, which
+    # validation measures and the export writes instead of the raw weights; null: off (averaging.py)
+    ema: float | None = None
 
 
 @dataclass
@@ -220,7 +223,7 @@ RANGES = {
     "train.steps": _POS, "train.seq_len": _POS, "train.micro_batch_size": _POS, "train.global_batch_size": _POS,
     "train.lr": _POS, "train.eps": _POS, "train.weight_decay": _NONNEG, "train.warmup_steps": _NONNEG,
     "train.min_lr_ratio": _FRACTION, "train.warmup_fraction": _PROB, "train.dropout": _PROB,
-    "train.grad_clip": _POS, "train.seed": _SEED,
+    "train.grad_clip": _POS, "train.seed": _SEED, "train.ema": _PROB,
     "train.log_every": _POS, "train.threads": _POS, "train.max_minutes": _POS,
     "lora.r": _POS, "lora.alpha": _POS, "lora.dropout": _PROB,
     "checkpoint.every": _NONNEG, "checkpoint.keep": _POS,

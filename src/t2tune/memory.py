@@ -6,7 +6,7 @@ The estimate adds, for the process that trains:
 
 - weights: every parameter in ``model.dtype``;
 - gradients and AdamW's two moments: the trainable parameters only (LoRA's adapters are fp32;
-  a full fine-tune keeps them in ``model.dtype``);
+  a full fine-tune keeps them in ``model.dtype``), and their float32 average under ``train.ema``;
 - activations kept for backward: with gradient checkpointing one hidden state per layer and
   token plus one layer recomputed in full, otherwise every layer in full (per layer and token
   ~34 hidden-sized values plus the attention scores, after Korthikanti et al. 2022, in the
@@ -117,7 +117,7 @@ def estimate(config: Any, cfg: Any) -> Estimate:
     if cfg.model.compute_dtype:
         widened = max(p.numel() for p in skeleton.parameters()) * _BYTES[cfg.model.compute_dtype]
     return Estimate(weights=weights, gradients=trainable * trainable_bytes,
-                    optimizer=2 * trainable * trainable_bytes, activations=kept + widened,
+                    optimizer=2 * trainable * trainable_bytes + (4 * trainable if t.ema is not None else 0), activations=kept + widened,
                     runtime=RUNTIME_BYTES, trainable=trainable, parameters=params)
 
 

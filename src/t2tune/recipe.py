@@ -26,6 +26,7 @@ Every process runs all of this; the main process alone writes the run folder's s
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import shutil
@@ -39,7 +40,8 @@ from typing import Any, Protocol
 import torch
 
 from . import __version__
-from .checkpoint import RunFolder, load_weights, read_checkpoint, set_rng_state, write_checkpoint
+from .checkpoint import RunFolder, load_weights, read_average, read_checkpoint, set_rng_state, write_checkpoint
+from .averaging import WeightAverage
 from .config import DataConfig, EvalConfig, RunConfig, batch_size_problem, dump_config
 from .data import load_examples, with_hub_defaults
 from .engines import cpu_only, fill_deepspeed_config, is_sharded, process_state
@@ -130,6 +132,10 @@ def prepare(cfg: RunConfig, *, overwrite: bool = False, task: Task | None = None
     if cfg.train.compile and _sharded_launch(process):
         raise ConfigError("train.compile: not under DeepSpeed or FSDP (their parameter hooks are untested with "
                           "torch.compile here); launch without them, or set train.compile=false")
+    if cfg.train.ema is not None and _sharded_launch(process):
+        raise ConfigError("train.ema: not under DeepSpeed or FSDP (each process holds a shard of the weights, and the "
+                          "average would have to follow the engine's partitioning); launch without them, or set "
+                          "train.ema=null")
     if cfg.train.method == "qlora" and (process.num_processes > 1 or _sharded_launch(process)):
         raise ConfigError("train.method=qlora runs in one process (4-bit weights are untested under DDP and are not "
                           "sharded by DeepSpeed or FSDP); launch one process, or use train.method=lora")
@@ -205,6 +211,7 @@ def prepare(cfg: RunConfig, *, overwrite: bool = False, task: Task | None = None
     engine = Engine(accelerator, loss_module, optimizer, None, tokenizer.pad_token_id)
     run = Run(cfg, folder, members, model, tokenizer, engine, rows_of, dropped, eval_config, metric,
               base_name or cfg.model.name)
+    run.average = WeightAverage(model, t.ema) if t.ema is not None else None
     run.mix = mix
     engine.scheduler = make_scheduler(optimizer, t, run.budget_spent if t.steps == "auto" else None)
     run.lock = lock
@@ -392,6 +399,7 @@ class Run:
         self._since = time.perf_counter()  # wall_seconds counts from here
         self.packing_report: dict[str, Any] = {}  # the packing self-test's drift and seconds
         self.merge_loss = MergeLoss()  # what the export's LoRA merge lost to rounding
+        self.average: WeightAverage | None = None  # train.ema: validated and exported instead of the weights
 
     @property
     def last_eval(self) -> dict[str, Any]:
@@ -479,6 +487,8 @@ class Run:
         under sharded engines, else None)."""
         best, last = self.state.best, self.state.optimizer_step
         if self.cfg.export.from_ == "last" or not best or best.get("step") == last:
+            if self.average is not None:
+                self.average.apply()
             return {**(self.last_eval if self.last_eval.get("step") == last else {}), "step": last}, weights
         step = self.folder.step(best["step"])
         if step.engine.is_dir():  # sharded: every process loads its part, then the weights are gathered
@@ -489,6 +499,9 @@ class Run:
                 f"(checkpoint.format: hf); exporting the last step ({last}) instead")
             return {**self.last_eval, "step": last}, weights
         load_weights(self.model, step.model)
+        if self.average is not None:  # that step's average, as its validation measured it
+            self.average.load_state_dict(read_average(step), step.optimizer)
+            self.average.apply()
         return best, None
 
     def _gate(self, weights: dict[str, Any] | None) -> Callable[[Path], GateReport] | None:
@@ -598,6 +611,8 @@ class Run:
         t = self.cfg.train
         positions = next_positions(lambda epoch: len(self.rows_of(epoch)), self.state, t.global_batch_size, t.seed)
         result = train_step(self.engine, [self.rows_of(epoch)[i] for epoch, i in positions], t)
+        if self.average is not None:
+            self.average.update(self.state.optimizer_step + 1)  # fit counts the step once this returns
         self.state.model_flops += self.flops.of(result.tokens, result.label_tokens)
         self.diverged = {"loss": result.loss, "grad_norm": result.grad_norm}  # reported if not finite
         return result
@@ -624,7 +639,8 @@ class Run:
         """Validate on every process (each runs its share); the main process records the best
         step, logs and plots. Returns whether this step is a new best (on every process)."""
         start = time.perf_counter()
-        results = [(m, self.evaluate(member=m)) for m in self.members if m.eval_rows]
+        with self.average.applied() if self.average is not None else contextlib.nullcontext():
+            results = [(m, self.evaluate(member=m)) for m in self.members if m.eval_rows]
         improved, failed = False, None
         if self.main:
             try:
@@ -718,7 +734,8 @@ class Run:
             e = self.engine
             try:
                 write_checkpoint(self.folder, step, self.model, self.tokenizer, e.optimizer, e.scheduler,
-                                 self.state.to_dict(), model_state, engine)
+                                 self.state.to_dict(), model_state, engine,
+                                 average=self.average.state_dict() if self.average is not None else None)
             except OSError as exc:  # a full disk: the temporary folder is gone, older checkpoints stay
                 kept = [f"step-{n}" for n, _ in self.folder.checkpoints()]
                 raise UserError(f"{self.folder.step(step).path}: could not write the checkpoint ({exc.strerror}); "
@@ -757,6 +774,8 @@ class Run:
             raise UserError(f"{path.path}: optimizer state missing (no optimizer.pt entry, no engine/ folder); "
                             "delete this checkpoint to resume from an older one")
         self.engine.scheduler.load_state_dict(opt["scheduler"])
+        if self.average is not None:
+            self.average.load_state_dict(opt.get("ema"), path.optimizer)
         set_rng_state(rng)
         self.state = TrainState.from_dict(state)
         self.log_file.trim_after(step)
