@@ -45,7 +45,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-from t2tune.checkpoint import RunFolder  # noqa: E402
+from t2tune.runfolder import RunFolder  # noqa: E402
 from t2tune.files import read_marker  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "mnli"

@@ -8,10 +8,11 @@ import torch
 from conftest import tiny_config
 from safetensors.torch import load_file
 
-from t2tune import recipe
+from t2tune import validation
 from t2tune.api import Trainer
 from t2tune.averaging import WeightAverage, decay_at
-from t2tune.checkpoint import RunFolder, read_average
+from t2tune.checkpoint import read_average
+from t2tune.runfolder import RunFolder
 from t2tune.data import load_examples
 from t2tune.models import load_model
 from t2tune.tasks import get_task
@@ -63,13 +64,13 @@ def test_the_average_is_exported_and_the_raw_weights_train_untouched(tmp_path, m
 
 def test_validation_measures_the_average(tmp_path, mnli_dir, monkeypatch):
     seen = []
-    real = recipe.evaluate
+    real = validation.evaluate
 
     def spy(model, *args, **kwargs):
         seen.append({k: v.detach().clone() for k, v in model.named_parameters()})
         return real(model, *args, **kwargs)
 
-    monkeypatch.setattr(recipe, "evaluate", spy)
+    monkeypatch.setattr(validation, "evaluate", spy)
     trainer = _train(tiny_config(tmp_path / "run", mnli_dir, **{"train.ema": DECAY, "train.steps": 2,
                                                                  "eval.every": 1, "export.from": "last"}), mnli_dir)
     averages = read_average(RunFolder(tmp_path / "run").step(2))

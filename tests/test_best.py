@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_config
 from safetensors.torch import load_file
 
-from t2tune.checkpoint import RunFolder
+from t2tune.runfolder import RunFolder
 from t2tune.errors import ConfigError
 from t2tune.recipe import train
 

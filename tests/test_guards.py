@@ -7,7 +7,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from t2tune import export
-from t2tune.checkpoint import RunFolder, save_hf
+from t2tune.checkpoint import save_hf
+from t2tune.runfolder import RunFolder
 from t2tune.errors import ConfigError, UserError
 from t2tune.guards import gate_export, last_token_logits, packing_drift
 from t2tune.packing import pack

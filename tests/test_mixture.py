@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import MNLI_ROWS, write_jsonl
 
-from t2tune.checkpoint import RunFolder
+from t2tune.runfolder import RunFolder
 from t2tune.config import build_config
 from t2tune.errors import ConfigError, UserError
 from t2tune.mixture import epoch_counts, epoch_mix, epoch_size, mixing_rates

@@ -9,7 +9,7 @@ import torch
 from conftest import MNLI_ROWS, tiny_config
 
 from t2tune import speed
-from t2tune.checkpoint import RunFolder
+from t2tune.runfolder import RunFolder
 from t2tune.config import ModelConfig
 from t2tune.errors import UserError
 from t2tune.evaluation import evaluate

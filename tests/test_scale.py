@@ -12,8 +12,8 @@ import torch
 from conftest import error_line, t2tune, tiny_config
 from safetensors.torch import load_file
 
-from t2tune import guards, memory, recipe, runtime
-from t2tune.checkpoint import RunFolder
+from t2tune import guards, memory, runtime
+from t2tune.runfolder import RunFolder
 from t2tune.config import ConfigError, EvalConfig, ModelConfig, load_config
 from t2tune.errors import UserError
 from t2tune.evaluation import evaluate
@@ -180,7 +180,7 @@ def test_a_failed_gate_after_a_lossy_merge_names_the_way_out(tmp_path, mnli_dir,
     def refuse(*_args):
         raise UserError("export gate failed: the export reloaded from disk differs from the trained model")
 
-    monkeypatch.setattr(recipe, "gate_export", refuse)
+    monkeypatch.setattr(guards, "gate_export", refuse)
     cfg = tiny_config(tmp_path / "run", mnli_dir, **{"train.method": "lora", "train.steps": 1, "lora.r": 4,
                                                       "model.dtype": "bfloat16", "model.compute_dtype": "float32",
                                                       "train.lr": 1e-7})

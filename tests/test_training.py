@@ -6,7 +6,7 @@ from conftest import tiny_config
 from transformers import AutoModelForCausalLM
 
 from t2tune.api import Trainer
-from t2tune.checkpoint import RunFolder
+from t2tune.runfolder import RunFolder
 from t2tune.config import ModelConfig
 from t2tune.data import load_examples
 from t2tune.loss import LossModule
@@ -196,7 +196,7 @@ def test_compiled_training_equals_eager_and_resumes(tmp_path, mnli_dir):
     eager = _train(tiny_config(tmp_path / "eager", mnli_dir, **same), mnli_dir)
     stopped = _train(tiny_config(tmp_path / "compiled", mnli_dir, **{**same, "train.compile": True,
                                                                       "train.steps": 2}), mnli_dir)
-    assert stopped.run.engine.loss_module._compiled  # it really ran compiled
+    assert stopped.run.parts.loss_module._compiled  # it really ran compiled
     resumed = _train(tiny_config(tmp_path / "compiled", mnli_dir, **{**same, "train.compile": True}), mnli_dir)
 
     def losses(out):

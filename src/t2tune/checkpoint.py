@@ -1,20 +1,6 @@
-"""The run folder and everything written into it: its layout (one object, :class:`RunFolder`),
-step checkpoints that survive crashes, their rotation, and loading them back (the Hugging Face
-export is :mod:`t2tune.export`).
-
-Layout of an ``out_dir`` (no other module spells these names)::
-
-    config.yaml             the resolved config
-    metrics.jsonl           one JSON object per event
-    plots/                  PNG curves, confusion matrix, reliability diagram
-    trackers/               experiment trackers' local files (log.to)
-    hf/                     the Hugging Face export
-    checkpoints/step-N/     one complete checkpoint (written under a temporary name, then renamed):
-        model/              Hugging Face folder (or a peft adapter folder) + tokenizer
-        optimizer.pt        optimizer and scheduler state, train.ema's averages (weights_only=True)
-        engine/             instead of the optimizer entry: accelerate's sharded save_state
-        rng.pt              torch and Python RNG state      (loaded with weights_only=True)
-        state.json          optimizer step, data position, tokens seen, time, best validation
+"""Step checkpoints: writing one that survives a crash, reading one back safely, and the
+:class:`Checkpointer` that a run saves, resumes and restores its best step through. Where each
+file lives is :mod:`t2tune.runfolder`'s; the Hugging Face export is :mod:`t2tune.export`'s.
 """
 
 from __future__ import annotations
@@ -23,238 +9,15 @@ import json
 import math
 import os
 import random
-import re
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .config import short
-from .errors import UserError
-from .files import (
-    LOCK,
-    MARKER,
-    FolderLock,
-    atomic_dir,
-    check_replaceable,
-    move_aside,
-    open_inside,
-    parse_json,
-    read_marker,
-    refuse_links,
-    write_marker,
-)
-
-STEP_DIR = re.compile(r"^step-(\d+)$")
-
-
-@dataclass(frozen=True)
-class StepFolder:
-    """``checkpoints/step-N/``: where each part of one checkpoint lives."""
-
-    path: Path
-
-    @property
-    def model(self) -> Path:
-        return self.path / "model"
-
-    @property
-    def optimizer(self) -> Path:
-        return self.path / "optimizer.pt"
-
-    @property
-    def engine(self) -> Path:
-        return self.path / "engine"
-
-    @property
-    def rng(self) -> Path:
-        return self.path / "rng.pt"
-
-    @property
-    def state(self) -> Path:
-        return self.path / "state.json"
-
-    @property
-    def run(self) -> RunFolder | None:
-        """The run folder this checkpoint belongs to, when it sits in one."""
-        parent = self.path.parent
-        return RunFolder(parent.parent) if parent.name == "checkpoints" else None
-
-
-@dataclass(frozen=True)
-class RunFolder:
-    """An ``out_dir`` and the paths inside it."""
-
-    root: Path
-
-    @property
-    def config(self) -> Path:
-        return self.root / "config.yaml"
-
-    @property
-    def metrics(self) -> Path:
-        return self.root / "metrics.jsonl"
-
-    @property
-    def plots(self) -> Path:
-        return self.root / "plots"
-
-    @property
-    def export(self) -> Path:
-        return self.root / "hf"
-
-    @property
-    def checkpoints_root(self) -> Path:
-        return self.root / "checkpoints"
-
-    @property
-    def trackers(self) -> Path:
-        return self.root / "trackers"
-
-    def claim(self, cfg: Any, overwrite: bool) -> tuple[FolderLock, Path | None]:
-        """Make ``out_dir`` this run's, before anything slow starts. Returns the held lock and
-        where a previous folder was moved (``overwrite``), if it was. Nothing is ever deleted.
-
-        - a non-empty folder t2tune did not create is refused (``overwrite``: moved aside);
-        - a second process on the same folder is refused, naming the first one's PID;
-        - an existing run must have this config, up to resume-safe keys (``overwrite``: moved
-          aside); a run whose config.yaml is missing (with checkpoints) or broken is refused;
-        - ``hf/`` must be replaceable by the final export.
-        """
-        aside = None
-        if self.root.is_dir() and self._is_run():
-            # before anything is opened or written in it: no link may lead out of the folder
-            refuse_links(self.root, [MARKER, LOCK, self.config.name, self.metrics.name, self.plots.name,
-                                     self.trackers.name, self.export.name, self.checkpoints_root.name],
-                         {self.plots.name: 1, self.checkpoints_root.name: 2})
-        if self.root.exists() and not self._is_run():
-            if not self.root.is_dir():
-                raise UserError(f"out_dir: {self.root} is a file, not a folder")
-            if any(self.root.iterdir()):
-                if not overwrite:
-                    raise UserError(f"out_dir: {self.root} is not empty and was not created by t2tune; nothing "
-                                    "was changed. Use another out_dir, or --overwrite to move it aside")
-                aside = move_aside(self.root)
-        lock = self._lock()
-        try:
-            problem = self._config_problem(cfg)
-            if problem and not overwrite:
-                raise UserError(f"out_dir: {self.root} {problem}; use another out_dir, or --overwrite to move "
-                                "the old run aside and start afresh")
-            if problem:
-                lock.release()
-                aside = move_aside(self.root)
-                lock = self._lock()
-            check_export_target(self.export, "out_dir")
-            if read_marker(self.root) is None:
-                write_marker(self.root, "run")
-        except BaseException:
-            lock.release()
-            raise
-        return lock, aside
-
-    def _is_run(self) -> bool:
-        """A run folder: marked as one, or written by a t2tune from before markers (a config.yaml
-        beside checkpoints or a metrics.jsonl that t2tune started)."""
-        marker = read_marker(self.root)
-        if marker is not None:
-            return marker["kind"] == "run"
-        if not self.config.is_file():
-            return False
-        if self.checkpoints_root.is_dir():
-            return True
-        try:
-            with open_inside(self.metrics) as handle:
-                first = parse_json(handle.readline(1 << 16))
-        except (OSError, ValueError, UserError):
-            return False
-        return isinstance(first, dict) and first.get("event") == "start" and "t2tune" in first
-
-    def _lock(self) -> FolderLock:
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            return FolderLock(self.root).acquire("out_dir")
-        except OSError as exc:
-            raise UserError(f"out_dir: cannot write to {self.root} ({exc.strerror})") from None
-
-    def _config_problem(self, cfg: Any) -> str | None:
-        """Why this run folder cannot continue under ``cfg``, or None."""
-        import yaml
-
-        from .config import RESUME_SAFE, config_diff, read_yaml
-
-        if not self.config.is_file():
-            if self.checkpoints():
-                return ("holds checkpoints but no config.yaml, so they cannot be checked against this config "
-                        "(restore config.yaml to resume)")
-            return None
-        try:
-            old = read_yaml(self.config)
-        except (UserError, yaml.YAMLError) as exc:
-            return f"has a broken config.yaml ({str(exc).splitlines()[0][:200]})"
-        if not isinstance(old, dict):
-            return f"has a broken config.yaml (a {type(old).__name__}, not a mapping of keys)"
-        changed = [k for k in config_diff(old, cfg.to_dict()) if k not in RESUME_SAFE]
-        if changed:
-            return f"holds a run with a different config ({', '.join(changed)} changed)"
-        return None
-
-    def step(self, n: int) -> StepFolder:
-        return StepFolder(self.checkpoints_root / f"step-{n}")
-
-    def engine_staging(self, n: int) -> Path:
-        """Where every process writes its part of an engine (accelerate) save: a fixed name, so
-        all processes agree on it; moved into the checkpoint when that is committed."""
-        return self.checkpoints_root / f".step-{n}.engine"
-
-    def checkpoints(self) -> list[tuple[int, StepFolder]]:
-        """Complete checkpoints, oldest first (temporary folders never match ``step-N``)."""
-        if not self.checkpoints_root.is_dir():
-            return []
-        found = []
-        for child in self.checkpoints_root.iterdir():
-            match = STEP_DIR.match(child.name)
-            if match and StepFolder(child).state.is_file():
-                found.append((int(match.group(1)), StepFolder(child)))
-        return sorted(found, key=lambda pair: pair[0])
-
-    def rotate(self, keep: int, protect: int | None = None) -> None:
-        """Keep the newest ``keep`` checkpoints, and step ``protect`` (the best) besides. Each
-        older one is first renamed to a temporary name, then deleted: a process killed while
-        deleting leaves a ``.step-*`` folder (removed by the next call), never a half-deleted
-        ``step-N`` that would look like a checkpoint or escape rotation."""
-        for n, step in self.checkpoints()[:-keep]:
-            if n == protect:
-                continue
-            doomed = step.path.with_name(f".{step.path.name}.deleting-{os.getpid()}")
-            os.replace(step.path, doomed)
-            shutil.rmtree(doomed, ignore_errors=True)
-        root = self.checkpoints_root
-        for child in root.iterdir() if root.is_dir() else ():
-            incomplete = STEP_DIR.match(child.name) and not StepFolder(child).state.is_file()
-            if child.name.startswith(".step-") or incomplete:  # left by a killed run (or older versions)
-                shutil.rmtree(child, ignore_errors=True)
-
-
-def check_export_target(out: Path, what: str) -> None:
-    """Raise unless an export may be written to ``out`` (see :func:`files.check_replaceable`);
-    a checkpoint there is named as one."""
-    check_replaceable(out, "export", what, "a t2tune checkpoint" if StepFolder(out).state.is_file() else None)
-
-
-def weights_folder(path: Path) -> Path:
-    """The Hugging Face folder inside a t2tune output (``out_dir/hf``, ``step-N/model``), or
-    ``path`` itself."""
-    for inner in (RunFolder(path).export, StepFolder(path).model):
-        if (inner / "config.json").is_file() or (inner / "adapter_config.json").is_file():
-            return inner
-    return path
-
-
-NF4_FILE = "t2tune-nf4.json"  # in an adapter folder: the 4-bit quantization its base was trained in (QLoRA)
-
+from .errors import UserError, short
+from .files import atomic_dir, parse_json
+from .runfolder import NF4_FILE, STEP_DIR, RunFolder, StepFolder
 
 # --- writing -------------------------------------------------------------------------------
 
@@ -427,3 +190,122 @@ def _shape_problem(state: Any, opt: Any, rng: Any) -> str | None:
     if not isinstance(rng, dict) or not all(isinstance(rng.get(k), torch.Tensor) for k in ("torch", "python")):
         return "rng.pt holds no torch and Python RNG state"
     return None
+
+
+class Checkpointer:
+    """How a run saves its steps, resumes the newest one and restores the one to export. Every
+    process holds one: under sharded engines saving, resuming and gathering are collective."""
+
+    def __init__(self, cfg: Any, folder: RunFolder, parts: Any, model: Any, tokenizer: Any,
+                 average: Any = None) -> None:
+        self.cfg, self.folder, self.parts, self.model, self.tokenizer = cfg, folder, parts, model, tokenizer
+        self.accelerator = parts.accelerator
+        self.main = self.accelerator.is_main_process
+        self.average = average  # train.ema's WeightAverage, saved and restored with the step
+
+    def full_weights(self) -> dict[str, Any] | None:
+        """Under FSDP / DeepSpeed, the full weights gathered to the main process (a collective:
+        every process calls it); None elsewhere, and where the model object holds them itself."""
+        from .engines import is_sharded
+
+        if not is_sharded(self.accelerator):
+            return None
+        state = self.accelerator.get_state_dict(self.parts.loss_module)
+        if not self.main or state is None:
+            return None
+        return {k.removeprefix("model."): v for k, v in state.items()}
+
+    def save(self, state: Any) -> dict[str, Any] | None:
+        """Write ``step-N/`` for ``state.optimizer_step``; rotation keeps the best step. Returns
+        the gathered full weights on the main process of a sharded engine, None elsewhere, for
+        the export to reuse."""
+        from .engines import is_sharded
+
+        acc, step = self.accelerator, state.optimizer_step
+        model_state = self.full_weights()
+        engine = None
+        fmt = self.cfg.checkpoint.format
+        if fmt == "accelerate" or (fmt == "auto" and is_sharded(acc)):
+            engine = self.folder.engine_staging(step)
+            if self.main:
+                shutil.rmtree(engine, ignore_errors=True)  # left by a run killed mid-save
+            acc.wait_for_everyone()
+            acc.save_state(str(engine))  # collective: each process writes its shards
+            acc.wait_for_everyone()
+        if self.main:
+            p = self.parts
+            try:
+                write_checkpoint(self.folder, step, self.model, self.tokenizer, p.optimizer, p.scheduler,
+                                 state.to_dict(), model_state, engine,
+                                 average=self.average.state_dict() if self.average is not None else None)
+            except OSError as exc:  # a full disk: the temporary folder is gone, older checkpoints stay
+                kept = [f"step-{n}" for n, _ in self.folder.checkpoints()]
+                raise UserError(f"{self.folder.step(step).path}: could not write the checkpoint ({exc.strerror}); "
+                                f"kept: {', '.join(kept) or 'no older checkpoint'}") from None
+            self.folder.rotate(self.cfg.checkpoint.keep, protect=state.best.get("step"))
+        acc.wait_for_everyone()
+        return model_state
+
+    def resume(self, rows_in: Any) -> Any:
+        """Load the newest complete checkpoint (weights, optimizer, scheduler, averages, RNG) and
+        return its train state; None when there is none. ``rows_in(epoch)``: that epoch's rows."""
+        from .training import TrainState
+
+        found = self.folder.checkpoints()
+        if not found:
+            return None
+        _, path = found[-1]
+        saved, opt, rng = read_checkpoint(path)
+        state = TrainState.from_dict(saved)
+        self._check_resumable(state, path, [n for n, _ in found], rows_in)
+        if path.engine.is_dir():  # sharded model + optimizer, every process reads its part
+            self.accelerator.load_state(str(path.engine))
+        elif "optimizer" in opt:
+            load_weights(self.model, path.model)
+            self.parts.optimizer.load_state_dict(opt["optimizer"])
+        else:
+            raise UserError(f"{path.path}: optimizer state missing (no optimizer.pt entry, no engine/ folder); "
+                            "delete this checkpoint to resume from an older one")
+        self.parts.scheduler.load_state_dict(opt["scheduler"])
+        if self.average is not None:
+            self.average.load_state_dict(opt.get("ema"), path.optimizer)
+        set_rng_state(rng)
+        return state
+
+    def _check_resumable(self, state: Any, path: StepFolder, steps: list[int], rows_in: Any) -> None:
+        """What ``read_checkpoint`` cannot know: the data position lies inside its epoch's rows
+        of this run, and the best step's checkpoint is there to export."""
+        rows = rows_in(state.epoch)
+        if not state.row_in_epoch < rows:
+            raise UserError(f"{path.state}: corrupt checkpoint (data position {state.row_in_epoch} of epoch "
+                            f"{state.epoch}, which has {rows} rows); delete it to resume from an older one")
+        best = state.best.get("step") if state.best else None
+        if best is not None and best not in steps and self.cfg.export.from_ == "best":
+            raise UserError(f"{path.state}: the best step {best} has no checkpoint in {self.folder.checkpoints_root} "
+                            "to export; restore it, or set export.from=last")
+
+    def restore_exported(self, state: Any, weights: dict[str, Any] | None) -> tuple[dict[str, Any], Any]:
+        """Put the step to export (``export.from``) into the model: the best step's weights when
+        it is not the last, and under ``train.ema`` that step's averages. Returns its validation
+        summary, and the weights to export (gathered ones under sharded engines, else None)."""
+        from .engines import is_sharded
+        from .errors import say
+
+        best, last, last_eval = state.best, state.optimizer_step, state.last_eval
+        if self.cfg.export.from_ == "last" or not best or best.get("step") == last:
+            if self.average is not None:
+                self.average.apply()
+            return {**(last_eval if last_eval.get("step") == last else {}), "step": last}, weights
+        step = self.folder.step(best["step"])
+        if step.engine.is_dir():  # sharded: every process loads its part, then the weights are gathered
+            self.accelerator.load_state(str(step.engine))
+            return best, self.full_weights()
+        if is_sharded(self.accelerator):
+            say(f"warning: the best step ({best['step']}) has no engine state to restore under a sharded engine "
+                f"(checkpoint.format: hf); exporting the last step ({last}) instead")
+            return {**last_eval, "step": last}, weights
+        load_weights(self.model, step.model)
+        if self.average is not None:  # that step's averages, as its validation measured them
+            self.average.load_state_dict(read_average(step), step.optimizer)
+            self.average.apply()
+        return best, None

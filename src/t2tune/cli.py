@@ -22,7 +22,7 @@ EXIT_INTERRUPTED = 130
 # --- train ---------------------------------------------------------------------------------
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .checkpoint import RunFolder
+    from .runfolder import RunFolder
     from .config import load_config
     from .recipe import train
 
@@ -173,33 +173,40 @@ def _report(args: argparse.Namespace, task: Any, result: Any, predict: bool) -> 
 # --- export / tasks ------------------------------------------------------------------------
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .checkpoint import StepFolder, read_checkpoint
+    from .checkpoint import read_checkpoint
     from .config import ModelConfig, load_config
-    from .export import MERGE_LOSS_HINT, MergeLoss, export
+    from .export import MERGE_LOSS_HINT, MergeLoss, export, export_run
     from .models import load_model
-    from .report import model_card
-    from .tasks import get_task
+    from .runfolder import StepFolder
     from .training import TrainState
+    from .validation import members_of
 
     src = StepFolder(Path(args.checkpoint))
     if not src.model.is_dir() and not (src.path / "config.json").is_file():
         raise UserError(f"{src.path}: not a t2tune checkpoint (expected {src.model}/) or Hugging Face folder")
-    card = None
     run = src.run
     cfg = load_config(run.config) if run is not None and run.config.is_file() else None
     # the run's weights dtype: a bf16 run of GPT-J 6B must not be loaded back in fp32 (24 GB)
     model = ModelConfig(name=str(src.path)) if cfg is None else dataclasses.replace(cfg.model, name=str(src.path))
+    # read_checkpoint checks state.json's shape and ranges, as a resume does
+    state = TrainState.from_dict(read_checkpoint(src)[0]) if cfg is not None and src.state.is_file() else None
     loaded = load_model(model)
-    if cfg is not None:
-        # read_checkpoint checks state.json's shape and ranges, as a resume does
-        state = TrainState.from_dict(read_checkpoint(src)[0]) if src.state.is_file() else TrainState()
-        card = model_card(cfg, get_task(cfg.task), cfg.model.name, state, {})
     out = Path(args.out).expanduser()
     loss = MergeLoss()
-    export(loaded.model, loaded.tokenizer, out, merge=not args.adapter_only, card=card, what="--out", loss=loss)
+    merge = not args.adapter_only
+    if cfg is None:  # a plain Hugging Face folder: no run to describe
+        export(loaded.model, loaded.tokenizer, out, merge=merge, what="--out", loss=loss)
+    else:  # the run's own export path: every task of the run, the step's validation when it had one
+        state = state or TrainState()
+        step = state.optimizer_step
+        shown = state.last_eval if state.last_eval.get("step") == step else {}
+        export_run(loaded.model, loaded.tokenizer, out, cfg, [m.task for m in members_of(cfg, cfg.eval)], state,
+                   shown, f"Exported weights: step {step}, from the checkpoint {src.path.name} (`t2tune export`).",
+                   merge=merge, loss=loss, what="--out")
     if loss.share >= MERGE_LOSS_HINT:
-        say(f"warning: the LoRA merge's rounding to {str(loaded.model.dtype).removeprefix('torch.')} lost {loss.share:.0%} of the update "
-            "(entries below that dtype's resolution at their base weights); --adapter-only exports it exactly")
+        say(f"warning: the LoRA merge's rounding to {str(loaded.model.dtype).removeprefix('torch.')} lost "
+            f"{loss.share:.0%} of the update (entries below that dtype's resolution at their base weights); "
+            "--adapter-only exports it exactly")
     print(json.dumps({"export": str(out), "adapter_only": bool(args.adapter_only),
                       "merge_rounding_lost": round(loss.share, 4)}))
     return 0

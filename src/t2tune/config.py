@@ -20,7 +20,8 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError, UserError
+from .errors import ConfigError, UserError, short
+from .yamlfile import read_yaml
 from .files import plain_name
 
 
@@ -231,7 +232,6 @@ RANGES = {
     "eval.limit": _POS, "eval.patience": _NONNEG, "train.peak_tflops": _POS,
     "mix.cap": _POS, "mix.temperature": _POS,
 }
-MAX_CONFIG_BYTES = 1 << 20  # configs and task files are a few hundred bytes; this bounds a YAML bomb
 # Keys that may change when a run resumes: they do not alter what was already trained (out_dir:
 # a run folder may be moved or renamed and still resume).
 RESUME_SAFE = {"out_dir", "train.steps", "checkpoint.every", "checkpoint.keep", "eval.every", "eval.limit",
@@ -272,20 +272,6 @@ def _coerce(value: Any, tp: Any) -> Any:
     if isinstance(value, float) and not wants_float and _type_ok(1, tp) and value.is_integer():
         return int(value)
     return value
-
-
-def short(value: Any, width: int = 60) -> str:
-    """A bounded repr for error messages (a YAML alias bomb must not become a 10 MB message).
-
-    >>> short("x" * 100, width=20)
-    "'xxxxxxx...xxxxxxxx'"
-    """
-    import reprlib
-
-    shortener = reprlib.Repr()
-    shortener.maxlevel, shortener.maxlist, shortener.maxdict, shortener.maxstring = 2, 4, 4, width
-    text = shortener.repr(value)
-    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 def _type_name(tp: Any) -> str:
@@ -504,41 +490,6 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         key, value = parse_override(text)
         values[key] = value
     return build_config(values)
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if not isinstance(key, typing.Hashable):
-                continue  # the base loader reports unhashable keys
-            if key in seen:
-                raise ConfigError(f"line {key_node.start_mark.line + 1}: key {short(key)} is given twice")
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-def read_yaml(path: Path) -> Any:
-    """A YAML file read safely (no Python tags), bounded in size, duplicate keys refused; errors
-    name the file."""
-    try:
-        with open(path, "rb") as handle:
-            raw = handle.read(MAX_CONFIG_BYTES + 1)
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MiB; not a t2tune YAML file")
-    try:
-        return yaml.load(raw.decode("utf-8-sig"), Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0][:200]})") from None
-    except RecursionError:
-        raise ConfigError(f"{path}: not valid YAML (nested too deeply)") from None
 
 
 def dump_config(cfg: RunConfig) -> str:

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .config import short
+from .errors import short
 from .errors import DataError
 from .files import parse_json
 from .tasks import Task

@@ -73,3 +73,12 @@ def fill_deepspeed_config(accelerator: Any, train: Any, accumulation: int) -> No
         if ds.get(key, "auto") == "auto":
             ds[key] = value
     ds.setdefault("zero_allow_untested_optimizer", True)
+
+
+def from_main(processes: Any, values: list[Any]) -> list[Any]:
+    """The main process's ``values`` on every process (one broadcast; as they are with one process)."""
+    if processes.num_processes == 1:
+        return values
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list(values)

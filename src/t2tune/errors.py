@@ -2,6 +2,7 @@
 code 2, no traceback) and one-line notices on stderr (:func:`say`)."""
 
 import sys
+from typing import Any
 
 
 def say(message: str) -> None:
@@ -19,3 +20,17 @@ class ConfigError(UserError, ValueError):
 
 class DataError(UserError):
     """A data file or row is unusable."""
+
+
+def short(value: Any, width: int = 60) -> str:
+    """A bounded repr for error messages (a YAML alias bomb must not become a 10 MB message).
+
+    >>> short("x" * 100, width=20)
+    "'xxxxxxx...xxxxxxxx'"
+    """
+    import reprlib
+
+    shortener = reprlib.Repr()
+    shortener.maxlevel, shortener.maxlist, shortener.maxdict, shortener.maxstring = 2, 4, 4, width
+    text = shortener.repr(value)
+    return text if len(text) <= width else text[:width - 3] + "..."

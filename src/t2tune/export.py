@@ -27,7 +27,9 @@ from typing import Any
 
 import torch
 
-from .checkpoint import check_export_target, save_hf, set_generation_ids
+from .checkpoint import save_hf, set_generation_ids
+from .runfolder import check_export_target
+from .errors import UserError
 from .files import atomic_dir, files_below, write_marker
 
 SHARD_BYTES = 2 * 1024**3  # the hub's GPT-J shards are ~1-10 GB; 2 GB keeps each file easy to move
@@ -281,3 +283,35 @@ def export(model: Any, tokenizer: Any, out: Path, merge: bool = True, card: str 
             (tmp / "README.md").write_text(card, encoding="utf-8")
         write_marker(tmp, "export", files_below(tmp))
     return report
+
+
+def export_run(model: Any, tokenizer: Any, out: Path, cfg: Any, tasks: list[Any], state: Any,
+               exported: dict[str, Any], why: str, *, base_name: str | None = None, merge: bool = True,
+               weights: dict[str, Any] | None = None, check: Callable[[Path], Any] | None = None,
+               loss: MergeLoss | None = None, what: str = "export", hint: str = "") -> Any:
+    """The one export of a run's weights, for the recipe at the end of training and for
+    ``t2tune export`` of a checkpoint alike: the Hugging Face folder (:func:`export`) with its
+    model card, which names every task of the run, the exported step's validation
+    (``exported``, {} when none ran at that step) and ``why`` that step. Returns the gate's
+    report; a write that fails is one line naming ``out`` (``hint``: what the user can do)."""
+    from .report import model_card
+
+    def card(report: Any) -> str:
+        return model_card(cfg, tasks, base_name or cfg.model.name, state, exported, why, report)
+
+    try:
+        return export(model, tokenizer, out, merge=merge, card=card, what=what, weights=weights, check=check,
+                      loss=loss)
+    except OSError as exc:
+        raise UserError(f"{out}: could not write the export ({exc.strerror}){hint}") from None
+
+
+def exported_line(state: Any, exported: dict[str, Any], best_key: str, export_from: str) -> str:
+    """The model card's line on which step a run exported and why."""
+    step = exported.get("step", state.optimizer_step)
+    if not state.best:
+        return f"Exported weights: step {step}, the last (no validation ran)."
+    if export_from == "last":
+        return f"Exported weights: step {step}, the last (export.from: last)."
+    return (f"Exported weights: step {step} of {state.optimizer_step}, the best validation {best_key} "
+            f"({state.best[best_key]:.4f}; export.from: best).")

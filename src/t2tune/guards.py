@@ -254,3 +254,42 @@ def gate_export(folder: Path, reference: torch.Tensor, prompt_ids: Sequence[list
                         f"{flipped} of {len(prompt_ids)} greedy predictions changed); the export was not written, "
                         "the checkpoints are kept")
     return GateReport(len(prompt_ids), drift, name, tolerance)
+
+
+def export_gate(model: Any, tokenizer: Any, prompts: list[str], seq_len: int, processes: Any, *, merge: bool,
+                weights: dict[str, Any] | None, dtype_name: str, compute_dtype: torch.dtype | None,
+                merge_loss: Any) -> Callable[[Path], GateReport] | None:
+    """The export gate's check for a run's export, or None where there is nothing to check on
+    this process. A merged export: the trained model's last-token logits on ``prompts`` now
+    (every process, as sharded weights need), the reload's compared with them later. An
+    unmerged adapter (``merge`` False): its written tensors against the trained ones. A merge
+    that fails says how much of the LoRA update its rounding lost (``merge_loss``)."""
+    from .engines import is_sharded
+    from .export import MERGE_LOSS_HINT
+    from .tokenize import encode_prompts
+
+    if hasattr(model, "peft_config") and not merge:
+        if not processes.is_main_process:
+            return None
+        from peft import get_peft_model_state_dict
+
+        expected = get_peft_model_state_dict(model, state_dict=weights)
+        return lambda folder: gate_adapter(folder, expected)
+    if not prompts:
+        return None
+    ids = encode_prompts(tokenizer, prompts, seq_len)
+    if not (processes.is_main_process or is_sharded(processes)):
+        return None
+    reference = last_token_logits(model, ids)
+
+    def check(folder: Path) -> GateReport:
+        try:
+            return gate_export(folder, reference, ids, compute_dtype)
+        except UserError as exc:
+            if merge_loss.share < MERGE_LOSS_HINT:
+                raise
+            raise UserError(f"{exc}. The merge rounded away {merge_loss.share:.0%} of the LoRA update (entries "
+                            f"below {dtype_name}'s resolution at their base weights): export.merge=false exports "
+                            "the adapter exactly, or `t2tune export <checkpoint> --adapter-only` writes it from a "
+                            "kept checkpoint") from None
+    return check

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import NF4_FILE, weights_folder
+from .runfolder import NF4_FILE, weights_folder
 from .errors import UserError, say
 from .files import atomic_dir, cache_dir, parse_json
 from .precision import NARROW, bf16_matmul_is_native, compute_in

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import read_yaml, short
+from .errors import short
+from .yamlfile import read_yaml
 from .errors import ConfigError
 
 # A generation that is no label word. None, not a string: no label a user writes can equal it.

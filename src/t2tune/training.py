@@ -49,6 +49,11 @@ class TrainState:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def restore(self, saved: TrainState) -> None:
+        """Take on ``saved``'s values in place (a resume): whatever holds this state sees them."""
+        for name, value in saved.to_dict().items():
+            setattr(self, name, value)
+
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW; weight decay skips biases and norm weights (every parameter with fewer than 2 dims)."""
@@ -165,7 +170,7 @@ class StepResult:
 
 
 @dataclass
-class Engine:
+class TrainParts:
     """What one optimizer step runs on, as accelerate prepared it."""
 
     accelerator: Any
@@ -175,7 +180,7 @@ class Engine:
     pad_id: int
 
 
-def train_step(engine: Engine, batch: Sequence[PackedRow], cfg: TrainConfig) -> StepResult:
+def train_step(engine: TrainParts, batch: Sequence[PackedRow], cfg: TrainConfig) -> StepResult:
     """One optimizer step over this process's share of the global ``batch``."""
     acc = engine.accelerator
     world, rank = acc.num_processes, acc.process_index
