@@ -15,9 +15,11 @@ from typing import Any
 
 import torch
 
+from .config import wrong_types
 from .errors import UserError, short
 from .files import atomic_dir, parse_json
 from .runfolder import NF4_FILE, STEP_DIR, RunFolder, StepFolder
+from .training import TrainState
 
 # --- writing -------------------------------------------------------------------------------
 
@@ -145,12 +147,6 @@ def read_average(step: StepFolder) -> Any:
         raise UserError(f"{step.optimizer}: corrupt checkpoint ({str(exc)[:200]})") from None
 
 
-_STATE_TYPES = {"optimizer_step": int, "epoch": int, "row_in_epoch": int, "tokens_seen": int,
-                "train_seconds": (int, float), "eval_seconds": (int, float), "wall_seconds": (int, float),
-                "model_flops": (int, float),
-                "best": dict, "last_eval": dict, "stale": int}
-
-
 _COUNTS = ("optimizer_step", "epoch", "row_in_epoch", "tokens_seen", "stale")
 _AMOUNTS = ("train_seconds", "eval_seconds", "wall_seconds", "model_flops")
 
@@ -180,9 +176,9 @@ def _range_problem(state: dict[str, Any], step: StepFolder) -> str | None:
 def _shape_problem(state: Any, opt: Any, rng: Any) -> str | None:
     if not isinstance(state, dict):
         return f"state.json holds a {type(state).__name__}, not a mapping"
-    for key, kind in _STATE_TYPES.items():
-        if key in state and (not isinstance(state[key], kind) or isinstance(state[key], bool)):
-            return f"state.json: '{key}' has the wrong type"
+    wrong = wrong_types(TrainState, state)
+    if wrong:
+        return f"state.json: '{wrong[0]}' has the wrong type"
     if not isinstance(opt, dict) or not isinstance(opt.get("scheduler"), dict):
         return "optimizer.pt holds no scheduler state"
     if "optimizer" in opt and not isinstance(opt["optimizer"], dict):
@@ -249,8 +245,6 @@ class Checkpointer:
     def resume(self, rows_in: Any) -> Any:
         """Load the newest complete checkpoint (weights, optimizer, scheduler, averages, RNG) and
         return its train state; None when there is none. ``rows_in(epoch)``: that epoch's rows."""
-        from .training import TrainState
-
         found = self.folder.checkpoints()
         if not found:
             return None

@@ -222,6 +222,13 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    from .config import key_table
+
+    print(key_table(), end="")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from .models import ALIASES
 
@@ -298,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
     sub.add_parser("tasks", help="list built-in tasks").set_defaults(func=cmd_tasks)
     sub.add_parser("models", help="list model aliases").set_defaults(func=cmd_models)
+    sub.add_parser("keys", help="list every config key: default, allowed values, resume-safe, what it does"
+                   ).set_defaults(func=cmd_keys)
     return parser
 
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import keyword
 import math
 import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,152 +27,171 @@ from .yamlfile import read_yaml
 from .files import plain_name
 
 
+# A key's one declaration: default, documentation, allowed values (``choices``), numeric range
+# (``range``, one of the range names below), whether ``auto`` is allowed in place of a number,
+# and whether it may change when a run resumes (``resume_safe``: it does not alter what was
+# already trained). CHOICES, RANGES, RESUME_SAFE and the README's key table are derived from it.
+POS, NONNEG, FRACTION, PROB = "> 0", ">= 0", "in [0, 1]", "in [0, 1)"
+SEED = "in [0, 2**32)"  # what numpy's seed takes (accelerate's set_seed seeds numpy too)
+RANGE_TESTS = {POS: lambda v: v > 0, NONNEG: lambda v: v >= 0, FRACTION: lambda v: 0 <= v <= 1,
+               PROB: lambda v: 0 <= v < 1, SEED: lambda v: 0 <= v < 2**32}
+
+
+def key(default: Any = None, doc: str = "", *, choices: tuple[str, ...] = (), range: str | None = None,
+        auto: bool = False, resume_safe: bool = False, factory: Callable[[], Any] | None = None) -> Any:
+    """A config field with its declaration in the field's metadata."""
+    meta = {"doc": doc, "choices": frozenset(choices), "range": range, "auto": auto, "resume_safe": resume_safe}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class ModelConfig:
-    name: str = "smollm2-135m"  # hub id, local HF folder, .gguf file or alias (see `t2tune models`)
-    revision: str | None = None  # hub revision, e.g. "float16" for GPT-J
-    dtype: str = "float32"  # weights dtype: float32 | bfloat16 | float16
-    # the dtype layers compute in, when wider than the weights: float32 over bfloat16 weights
-    # keeps 2 bytes a weight and fp32 speed on CPUs without bf16 matrix units (precision.py)
-    compute_dtype: str | None = None
-    attn_implementation: str = "sdpa"  # eager | sdpa (others if installed)
-    trust_remote_code: bool = False  # never on unless the user asks
+    name: str = key("smollm2-135m", "hub id, local HF folder, .gguf file or alias (see `t2tune models`)")
+    revision: str | None = key(None, 'hub revision, e.g. "float16" for GPT-J')
+    dtype: str = key("float32", "weights dtype", choices=("float32", "bfloat16", "float16"))
+    compute_dtype: str | None = key(
+        None, "the dtype layers compute in, when wider than the weights: float32 over bfloat16 weights keeps 2 bytes "
+        "a weight and fp32 speed on CPUs without bf16 matrix units (precision.py, docs/scaling.md)",
+        choices=("float32",))
+    attn_implementation: str = key("sdpa", "eager | sdpa (others if installed)")
+    trust_remote_code: bool = key(False, "run a model's own code from the hub; never on unless asked")
 
 
 @dataclass
 class DataConfig:
-    train: str | None = None  # file, folder with {split}.{jsonl,csv,tsv,parquet}, or hub dataset id
-    validation: str | None = None  # same forms; defaults to the training source
-    hub_config: str | None = None  # hub dataset configuration, e.g. "mnli" for nyu-mll/glue
-    train_split: str = "train"
-    validation_split: str = "validation"
+    train: str | None = key(None, "file, folder with {split}.{jsonl,csv,tsv,parquet}, or hub dataset id")
+    validation: str | None = key(None, "same forms; null: the training source", resume_safe=True)
+    hub_config: str | None = key(None, 'hub dataset configuration, e.g. "mnli" for nyu-mll/glue')
+    train_split: str = key("train", "the training split's name")
+    validation_split: str = key("validation", "the validation split's name", resume_safe=True)
 
 
 @dataclass
 class TrainConfig:
-    # optimizer steps; auto (with max_minutes): as many as the time budget buys, warmup and
-    # decay following the fraction of the budget spent (training.budget_factor)
-    steps: int | str = 100
-    seq_len: int = 256  # tokens per row fed to the model (rows hold seq_len + 1 tokens)
-    micro_batch_size: int = 8  # rows per forward pass (per process)
-    global_batch_size: int = 8  # rows per optimizer step, all processes together
-    lr: float = 2e-4
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    weight_decay: float = 0.0  # never applied to norms and biases
-    warmup_steps: int = 0
-    # warmup as a fraction of the run: of the time budget (steps: auto) or of the steps; the
-    # one way to warm up a budgeted run, and an alternative to warmup_steps (set one of them)
-    warmup_fraction: float = 0.0
-    schedule: str = "constant"  # constant | linear | cosine (after warmup)
-    min_lr_ratio: float = 0.0  # floor of linear/cosine decay, as a fraction of lr
-    dropout: float | None = None  # overrides every dropout probability of the model when set
-    grad_clip: float | None = 1.0  # max global gradient norm; null disables
-    precision: str = "fp32"  # training autocast: fp32 (none: the weights' dtype, model.dtype) | bf16
-    seed: int = 42
-    loss_on: str = "all"  # all (the reference) | target (answer tokens only)
-    packing: str = "concat"  # concat (the reference) | isolated | none
-    truncate: bool = False  # cut over-long examples instead of stopping
-    method: str = "full"  # full | lora | qlora
-    gradient_checkpointing: bool = False
-    # torch.compile the decoder for training (the output layer + loss stay eager: their shapes
-    # follow the labels); validation stays eager, as generation's shapes change every token
-    compile: bool = False
-    log_every: int = 1  # optimizer steps between metrics.jsonl lines
-    threads: int | None = None  # torch intra-op threads, set by the CLI; null keeps torch's choice
-    max_minutes: float | None = None  # stop (validate, checkpoint, export) after this much training time
-    # (the optimizer steps alone: validation and checkpoints do not count against it)
-    # the machine's peak for MFU, in the training precision; null: measured once by a short
-    # matmul and cached (see speed.py)
-    peak_tflops: float | None = None
-    # isolated packing: check at the start that packed rows give each example the loss it has
-    # alone (the attention implementation honours position-id restarts); see guards.py
-    packing_check: bool = True
-    # weight averaging: the decay of an exponential moving average of the trained weights, which
-    # validation measures and the export writes instead of the raw weights; null: off (averaging.py)
-    ema: float | None = None
+    steps: int | str = key(100, "optimizer steps; auto (with max_minutes): as many as the time budget buys, warmup "
+                           "and decay following the fraction of the budget spent", range=POS, auto=True,
+                           resume_safe=True)
+    seq_len: int = key(256, "tokens per row fed to the model (rows hold seq_len + 1 tokens)", range=POS)
+    micro_batch_size: int = key(8, "rows per forward pass (per process)", range=POS)
+    global_batch_size: int = key(8, "rows per optimizer step, all processes together", range=POS)
+    lr: float = key(2e-4, "peak learning rate (AdamW)", range=POS)
+    betas: list[float] = key(doc="AdamW's betas, each in [0, 1)", factory=lambda: [0.9, 0.999])
+    eps: float = key(1e-8, "AdamW's epsilon", range=POS)
+    weight_decay: float = key(0.0, "AdamW's weight decay, never applied to norms and biases", range=NONNEG)
+    warmup_steps: int = key(0, "linear warmup in optimizer steps (or warmup_fraction; set one)", range=NONNEG)
+    warmup_fraction: float = key(0.0, "warmup as a fraction of the run: of the time budget (steps: auto) or of the "
+                                 "steps; the one way to warm up a budgeted run", range=PROB)
+    schedule: str = key("constant", "the lr after warmup", choices=("constant", "linear", "cosine"))
+    min_lr_ratio: float = key(0.0, "floor of linear/cosine decay, as a fraction of lr", range=FRACTION)
+    dropout: float | None = key(None, "overrides every dropout probability of the model when set", range=PROB)
+    grad_clip: float | None = key(1.0, "max global gradient norm; null disables", range=POS)
+    precision: str = key("fp32", "training autocast: fp32 (none: the weights' dtype, model.dtype) | bf16",
+                         choices=("fp32", "bf16"))
+    seed: int = key(42, "seeds the model's new weights, dropout and the data order", range=SEED)
+    loss_on: str = key("all", "all tokens (the reference) | target (answer tokens only)", choices=("all", "target"))
+    packing: str = key("concat", "how rows are filled (README: What it does)", choices=("concat", "isolated", "none"))
+    truncate: bool = key(False, "cut over-long examples instead of stopping")
+    method: str = key("full", "full fine-tune | lora | qlora (LoRA over 4-bit weights)",
+                      choices=("full", "lora", "qlora"))
+    gradient_checkpointing: bool = key(False, "recompute activations in backward: less memory, ~1/3 more compute")
+    compile: bool = key(False, "torch.compile the decoder for training (the output layer and loss stay eager); "
+                        "validation stays eager; not under DeepSpeed/FSDP", resume_safe=True)
+    log_every: int = key(1, "optimizer steps between metrics.jsonl lines", range=POS, resume_safe=True)
+    threads: int | None = key(None, "torch intra-op threads, set by the CLI; null keeps torch's choice", range=POS,
+                              resume_safe=True)
+    max_minutes: float | None = key(None, "stop (validate, checkpoint, export) after this much training time: the "
+                                    "optimizer steps alone, not validation or checkpoints", range=POS,
+                                    resume_safe=True)
+    peak_tflops: float | None = key(None, "the machine's peak for MFU, in the training precision; null: measured "
+                                    "at the run's start (speed.py)", range=POS, resume_safe=True)
+    packing_check: bool = key(True, "isolated packing: check at the start that packed rows give each example the "
+                              "loss it has alone (guards.py)", resume_safe=True)
+    ema: float | None = key(None, "weight averaging: the decay of an exponential moving average of the trained "
+                            "weights, which validation measures and the export writes instead of the raw weights; "
+                            "null: off; not under DeepSpeed/FSDP (averaging.py)", range=PROB)
 
 
 @dataclass
 class LoraConfig:
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.05
-    target_modules: list[str] | None = None  # null picks per architecture
+    r: int = key(8, "adapter rank", range=POS)
+    alpha: int = key(16, "adapter scale numerator (scale = alpha / r)", range=POS)
+    dropout: float = key(0.05, "dropout on the adapter's input", range=PROB)
+    target_modules: list[str] | None = key(None, "module names to adapt; null: GPT-J attention + MLP projections, "
+                                           "Llama q/k/v/o/gate/up/down")
 
 
 @dataclass
 class CheckpointConfig:
-    every: int = 0  # optimizer steps between checkpoints; 0 = only at the end
-    keep: int = 2  # newest complete checkpoints kept
-    # weights + optimizer state: `hf` = one full copy written by the main process;
-    # `accelerate` = the engine's own (sharded) save_state; `auto` = accelerate under FSDP /
-    # DeepSpeed, hf otherwise. Every checkpoint also holds the full HF weights in model/.
-    format: str = "auto"
+    every: int = key(0, "optimizer steps between checkpoints; 0: only at the end", range=NONNEG, resume_safe=True)
+    keep: int = key(2, "newest complete checkpoints kept (and the best)", range=POS, resume_safe=True)
+    format: str = key("auto", "weights + optimizer state: hf (one full copy by the main process) | accelerate (the "
+                      "engine's own sharded save_state) | auto (accelerate under FSDP / DeepSpeed); every "
+                      "checkpoint also holds full HF weights", choices=("auto", "hf", "accelerate"))
 
 
 @dataclass
 class EvalConfig:
-    every: int = 0  # optimizer steps between validations during training; 0 = only at the end
-    # auto: from the data (label tasks: the longest label + EOS; free text: the longest training
-    # target + EOS, plus a margin; see tokenize.generation_length), or a number of tokens
-    max_new_tokens: int | str = "auto"
-    batch_size: int = 32
-    seq_len: int = 512  # prompts longer than this are cut from the left
-    limit: int | None = None  # validation rows used; null = all
-    mode: str = "generate"  # generate (the reference) | score
-    precision: str = "fp32"  # fp32 | bf16 (autocast) | bf16-checked (bf16, close calls redone in fp32)
-    # entity lists cut off or garbled: lenient keeps a row's well-formed entities, strict drops
-    # them all; either way the row is counted as malformed
-    entity_parsing: str = "lenient"
-    metric: str | None = None  # what "best" means: a validation metric's name; null: the task's headline
-    greater_is_better: bool | None = None  # null: inferred from eval.metric (see metrics.greater_is_better)
-    patience: int = 0  # stop after this many validations without a new best; 0: never stop early
+    every: int = key(0, "optimizer steps between validations; 0: only at the end", range=NONNEG, resume_safe=True)
+    max_new_tokens: int | str = key("auto", "tokens generated per answer; auto: the longest label + EOS, or the "
+                                    "longest training target + EOS plus a margin", range=POS, auto=True,
+                                    resume_safe=True)
+    batch_size: int = key(32, "prompts per forward pass", range=POS, resume_safe=True)
+    seq_len: int = key(512, "prompts longer than this are cut from the left (and counted)", range=POS,
+                       resume_safe=True)
+    limit: int | None = key(None, "validation rows used; null: all", range=POS, resume_safe=True)
+    mode: str = key("generate", "generate the answer (the reference) | score the labels",
+                    choices=("generate", "score"), resume_safe=True)
+    precision: str = key("fp32", "fp32 | bf16 (autocast) | bf16-checked (bf16, close calls redone in fp32)",
+                         choices=("fp32", "bf16", "bf16-checked"), resume_safe=True)
+    entity_parsing: str = key("lenient", "entity lists cut off or garbled: lenient keeps a row's well-formed "
+                              "entities, strict drops them all", choices=("lenient", "strict"), resume_safe=True)
+    metric: str | None = key(None, 'what "best" means: a validation metric\'s name; null: the task\'s headline')
+    greater_is_better: bool | None = key(None, "null: inferred from eval.metric")
+    patience: int = key(0, "stop after this many validations without a new best; 0: never stop early",
+                        range=NONNEG, resume_safe=True)
 
 
 @dataclass
-class TaskEntry:
-    """One task of a mixture (``tasks.<name>``); its data keys are those of ``data``."""
+class TaskEntry(DataConfig):
+    """One task of a mixture (``tasks.<name>``): ``data``'s keys, and its own."""
 
-    task: str | None = None  # built-in task name or task YAML; null: the entry's own name
-    train: str | None = None  # file, folder or hub dataset id; null: the task's hub dataset
-    validation: str | None = None  # null: the training source
-    hub_config: str | None = None
-    train_split: str = "train"
-    validation_split: str = "validation"
-    weight: float | None = None  # its mixing weight under mix.rule: weights (null: 1)
-    mode: str | None = None  # its validation mode; null: eval.mode (generate for free-text tasks)
+    task: str | None = key(None, "built-in task name or task YAML; null: the entry's own name")
+    weight: float | None = key(None, "its mixing weight under mix.rule: weights (null: 1)", range=POS)
+    mode: str | None = key(None, "its validation mode; null: eval.mode (generate for free-text tasks)",
+                           choices=("generate", "score"))
 
 
 @dataclass
 class MixConfig:
-    # how a multi-task run mixes its tasks (see mixture.py): proportional (rate ∝ min(n, cap)),
-    # temperature (rate ∝ min(n, cap) ^ (1 / temperature)), weights (rate ∝ tasks.<name>.weight)
-    rule: str = "proportional"
-    cap: int | None = None  # K: examples counted per task at most; also bounds its share of an epoch
-    temperature: float = 1.0
+    rule: str = key("proportional", "how tasks mix: proportional (rate ∝ min(n, cap)), temperature (rate ∝ "
+                    "min(n, cap) ^ (1 / temperature)), weights (rate ∝ tasks.<name>.weight)",
+                    choices=("proportional", "temperature", "weights"))
+    cap: int | None = key(None, "examples counted per task at most; also bounds its share of an epoch", range=POS)
+    temperature: float = key(1.0, "mix.rule: temperature's exponent", range=POS)
 
 
 @dataclass
 class ExportConfig:
-    # the weights exported to hf/: best (the best validated step; the last when no validation
-    # ran) | last; `from` in YAML and overrides (export.from=last)
-    from_: str = "best"
-    gate: bool = True  # reload the export and compare its logits with the trained model's
-    # LoRA: merge the adapter into the base weights (a full model); false: hf/ holds the adapter
-    # alone, exact (a merge into bf16 weights rounds away updates below bf16's resolution)
-    merge: bool = True
+    from_: str = key("best", "the weights exported to hf/: best (the best validated step; the last when no "
+                     "validation ran) | last", choices=("best", "last"), resume_safe=True)
+    gate: bool = key(True, "reload the export and compare its logits with the trained model's", resume_safe=True)
+    merge: bool = key(True, "LoRA: merge the adapter into the base weights; false: hf/ holds the adapter alone, "
+                      "exact", resume_safe=True)
 
 
 @dataclass
 class LogConfig:
-    to: list[str] = field(default_factory=list)  # experiment trackers: tensorboard, trackio, wandb, mlflow
+    to: list[str] = key(doc="experiment trackers: tensorboard, trackio, wandb, mlflow", factory=list,
+                        resume_safe=True)
 
 
 @dataclass
 class RunConfig:
-    task: str = "mnli"  # built-in task name or path to a task YAML
-    out_dir: str = "runs/default"
+    task: str = key("mnli", "built-in task name or path to a task YAML")
+    out_dir: str = key("runs/default", "the run folder (may start with ~); a run may move and still resume",
+                       resume_safe=True)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -179,8 +200,8 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     log: LogConfig = field(default_factory=LogConfig)
-    # a multi-task run: task name → its data (then `task` and `data.*` are not used); empty: one task
-    tasks: dict[str, TaskEntry] = field(default_factory=dict)
+    tasks: dict[str, TaskEntry] = key(doc="a multi-task run: task name → its keys (then task and data.* are not "
+                                      "used); empty: one task", factory=dict)
     mix: MixConfig = field(default_factory=MixConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -198,47 +219,43 @@ def _spelled(name: str) -> str:
     return name[:-1] if name.endswith("_") and keyword.iskeyword(name[:-1]) else name
 
 
-CHOICES = {
-    "model.dtype": {"float32", "bfloat16", "float16"},
-    "model.compute_dtype": {"float32"},
-    "train.schedule": {"constant", "linear", "cosine"},
-    "train.precision": {"fp32", "bf16"},
-    "eval.precision": {"fp32", "bf16", "bf16-checked"},
-    "eval.entity_parsing": {"lenient", "strict"},
-    "train.loss_on": {"all", "target"},
-    "train.packing": {"concat", "isolated", "none"},
-    "train.method": {"full", "lora", "qlora"},
-    "eval.mode": {"generate", "score"},
-    "checkpoint.format": {"auto", "hf", "accelerate"},
-    "export.from": {"best", "last"},
-    "mix.rule": {"proportional", "temperature", "weights"},
-}
+def declared(section: type = RunConfig, prefix: str = "") -> dict[str, dataclasses.Field]:
+    """Every config key, dotted as users write it, and its field: a section's keys under its name.
+
+    >>> sorted(declared())[:3]
+    ['checkpoint.every', 'checkpoint.format', 'checkpoint.keep']
+    """
+    hints = typing.get_type_hints(section)
+    keys: dict[str, dataclasses.Field] = {}
+    for f in dataclasses.fields(section):
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys.update(declared(hints[f.name], f"{prefix}{f.name}."))
+        else:
+            keys[f"{prefix}{_spelled(f.name)}"] = f
+    return keys
+
+
+KEYS = declared()
+ENTRY_KEYS = declared(TaskEntry, "tasks.<name>.")
+CHOICES = {k: set(f.metadata["choices"]) for k, f in KEYS.items() if f.metadata.get("choices")}
+RANGES = {k: f.metadata["range"] for k, f in KEYS.items() if f.metadata.get("range")}
+RESUME_SAFE = {k for k, f in KEYS.items() if f.metadata.get("resume_safe")}
 TRACKERS = ("tensorboard", "trackio", "wandb", "mlflow")
-# The allowed range of every numeric key (null, where a key allows it, is always allowed).
-# Every float must also be finite: NaN and inf are refused wherever a number is read.
-_POS, _NONNEG, _FRACTION, _PROB = "> 0", ">= 0", "in [0, 1]", "in [0, 1)"
-_SEED = "in [0, 2**32)"  # what numpy's seed takes (accelerate's set_seed seeds numpy too)
-_RANGE_TESTS = {_POS: lambda v: v > 0, _NONNEG: lambda v: v >= 0, _FRACTION: lambda v: 0 <= v <= 1,
-                _PROB: lambda v: 0 <= v < 1, _SEED: lambda v: 0 <= v < 2**32}
-RANGES = {
-    "train.steps": _POS, "train.seq_len": _POS, "train.micro_batch_size": _POS, "train.global_batch_size": _POS,
-    "train.lr": _POS, "train.eps": _POS, "train.weight_decay": _NONNEG, "train.warmup_steps": _NONNEG,
-    "train.min_lr_ratio": _FRACTION, "train.warmup_fraction": _PROB, "train.dropout": _PROB,
-    "train.grad_clip": _POS, "train.seed": _SEED, "train.ema": _PROB,
-    "train.log_every": _POS, "train.threads": _POS, "train.max_minutes": _POS,
-    "lora.r": _POS, "lora.alpha": _POS, "lora.dropout": _PROB,
-    "checkpoint.every": _NONNEG, "checkpoint.keep": _POS,
-    "eval.every": _NONNEG, "eval.max_new_tokens": _POS, "eval.batch_size": _POS, "eval.seq_len": _POS,
-    "eval.limit": _POS, "eval.patience": _NONNEG, "train.peak_tflops": _POS,
-    "mix.cap": _POS, "mix.temperature": _POS,
-}
-# Keys that may change when a run resumes: they do not alter what was already trained (out_dir:
-# a run folder may be moved or renamed and still resume).
-RESUME_SAFE = {"out_dir", "train.steps", "checkpoint.every", "checkpoint.keep", "eval.every", "eval.limit",
-               "eval.batch_size", "eval.max_new_tokens", "eval.seq_len", "eval.mode", "eval.precision",
-               "eval.entity_parsing", "train.log_every", "train.threads", "train.max_minutes", "data.validation",
-               "data.validation_split", "eval.patience", "export.from", "export.gate", "export.merge", "log.to",
-               "train.peak_tflops", "train.packing_check", "train.compile"}
+
+
+def key_table() -> str:
+    """The README's table of config keys, made from their declarations (``t2tune keys``)."""
+    lines = ["| key | default | allowed | resume-safe | what it does |", "|---|---|---|---|---|"]
+    for name, f in {**KEYS, **ENTRY_KEYS}.items():
+        meta = f.metadata
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        allowed = " / ".join(sorted(meta["choices"])) if meta.get("choices") else meta.get("range") or ""
+        if meta.get("auto"):
+            allowed += " or auto"
+        shown = "null" if default is None else json.dumps(default)
+        lines.append(f"| `{name}` | `{shown}` | {allowed} | {'yes' if meta.get('resume_safe') else ''} "
+                     f"| {meta.get('doc', '').replace('|', chr(92) + '|')} |")
+    return "\n".join(lines) + "\n"
 
 
 def _type_ok(value: Any, tp: Any) -> bool:
@@ -258,6 +275,17 @@ def _type_ok(value: Any, tp: Any) -> bool:
     if tp is int:
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, tp)
+
+
+def wrong_types(cls: type, values: dict[str, Any]) -> list[str]:
+    """The keys of ``values`` that name a field of the dataclass ``cls`` but do not fit its type,
+    by the rule config keys are read with (a run's ``state.json`` is checked so, too).
+
+    >>> wrong_types(ModelConfig, {"name": 7, "dtype": "bfloat16", "unknown": 1})
+    ['name']
+    """
+    hints = typing.get_type_hints(cls)
+    return [k for k, v in values.items() if k in hints and not _type_ok(v, hints[k])]
 
 
 _FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
@@ -413,20 +441,28 @@ def batch_size_problem(t: TrainConfig, processes: int = 1) -> str | None:
     return f"train.global_batch_size: {t.global_batch_size} is not a multiple of {split}"
 
 
-def _check_values(cfg: RunConfig) -> list[str]:
+def _declared_problems(section: Any, keys: dict[str, dataclasses.Field], prefix: str = "") -> list[str]:
+    """Each value of ``section`` (or of the whole config) against its key's declaration: its
+    choices, its range, and ``auto`` only where the key allows it."""
     errors = []
-    for key, allowed in CHOICES.items():
-        if (key, get_key(cfg, key)) in MOVED:
-            errors.append(f"{key}: {short(get_key(cfg, key))} was split: {MOVED[key, get_key(cfg, key)]}")
-        elif get_key(cfg, key) is not None and get_key(cfg, key) not in allowed:  # null: typed Optional
-            errors.append(f"{key}: must be one of {', '.join(sorted(allowed))}, got {short(get_key(cfg, key))}")
-    for key, allowed in RANGES.items():
-        value = get_key(cfg, key)
-        if isinstance(value, str):  # the only string a numeric key takes is auto
-            if value != "auto":
-                errors.append(f"{key}: must be a number {allowed} or auto, got {short(value)}")
-        elif value is not None and not _RANGE_TESTS[allowed](value):
-            errors.append(f"{key}: must be {allowed}, got {value}")
+    for name, f in keys.items():
+        value, meta = getattr(section, f.name) if prefix else get_key(section, name), f.metadata
+        where = f"{prefix}{name.rsplit('.', 1)[-1]}" if prefix else name
+        if meta.get("choices") and (where, value) in MOVED:
+            errors.append(f"{where}: {short(value)} was split: {MOVED[where, value]}")
+        elif meta.get("choices") and value is not None and value not in meta["choices"]:  # null: typed Optional
+            errors.append(f"{where}: must be one of {', '.join(sorted(meta['choices']))}, got {short(value)}")
+        elif meta.get("range") and isinstance(value, str):  # the only string a numeric key takes is auto
+            if value != "auto" or not meta.get("auto"):
+                errors.append(f"{where}: must be a number {meta['range']}{' or auto' * meta['auto']}, got "
+                              f"{short(value)}")
+        elif meta.get("range") and value is not None and not RANGE_TESTS[meta["range"]](value):
+            errors.append(f"{where}: must be {meta['range']}, got {value}")
+    return errors
+
+
+def _check_values(cfg: RunConfig) -> list[str]:
+    errors = _declared_problems(cfg, KEYS)
     t = cfg.train
     problem = batch_size_problem(t)
     if problem:
@@ -443,16 +479,12 @@ def _check_values(cfg: RunConfig) -> list[str]:
         errors.append(f"train.betas: must be two numbers in [0, 1), got {short(t.betas)}")
     if not cfg.out_dir:
         errors.append("out_dir: must not be empty")
-    for name, entry in cfg.tasks.items():  # each entry's mode and weight, checked like eval.mode and RANGES
+    for name, entry in cfg.tasks.items():
         try:
             plain_name(name, f"tasks.{name}")  # it names plot files and metrics
         except UserError as exc:
             errors.append(str(exc))
-        if entry.mode is not None and entry.mode not in CHOICES["eval.mode"]:
-            modes = ", ".join(sorted(CHOICES["eval.mode"]))
-            errors.append(f"tasks.{name}.mode: must be one of {modes}, got {short(entry.mode)}")
-        if entry.weight is not None and not _RANGE_TESTS[_POS](entry.weight):
-            errors.append(f"tasks.{name}.weight: must be {_POS}, got {entry.weight}")
+        errors.extend(_declared_problems(entry, ENTRY_KEYS, f"tasks.{name}."))
     if cfg.tasks:
         for key in ("data.train", "data.validation"):
             if get_key(cfg, key) is not None:
