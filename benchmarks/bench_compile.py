@@ -1,6 +1,7 @@
 """train.compile against eager, same run, same machine: step time, compile time, break-even, losses.
 
-    .venv/bin/python benchmarks/bench_compile.py [--steps 12] [--settings "tiny fp32,demo bf16"] [--out runs/bench/bench_compile.json]
+    .venv/bin/python benchmarks/bench_compile.py [--steps 12] [--settings "tiny fp32,demo bf16"]
+        [--out runs/bench/bench_compile.json]
 
 Each arm is ``t2tune``'s own recipe in its own process (``recipe.prepare`` + ``train``, no
 validation rows), eager and ``train.compile: true`` alternated, each compiled arm with an empty
@@ -28,16 +29,32 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, claim_out  # noqa: E402 (benchmarks/ is on sys.path when run)
+from common import ROOT, claim_out
+
 DATA = ROOT.parent / "shared" / "data" / "mnli"
 WARM = 2
 SETTINGS = {
-    "demo bf16": {"model.name": "smollm2-135m", "train.precision": "bf16", "train.seq_len": 256,
-                  "train.micro_batch_size": 8, "train.global_batch_size": 8},
-    "demo fp32": {"model.name": "smollm2-135m", "train.precision": "fp32", "train.seq_len": 256,
-                  "train.micro_batch_size": 8, "train.global_batch_size": 8},
-    "tiny fp32": {"model.name": "tiny-gptj", "train.precision": "fp32", "train.seq_len": 256,
-                  "train.micro_batch_size": 8, "train.global_batch_size": 8},
+    "demo bf16": {
+        "model.name": "smollm2-135m",
+        "train.precision": "bf16",
+        "train.seq_len": 256,
+        "train.micro_batch_size": 8,
+        "train.global_batch_size": 8,
+    },
+    "demo fp32": {
+        "model.name": "smollm2-135m",
+        "train.precision": "fp32",
+        "train.seq_len": 256,
+        "train.micro_batch_size": 8,
+        "train.global_batch_size": 8,
+    },
+    "tiny fp32": {
+        "model.name": "tiny-gptj",
+        "train.precision": "fp32",
+        "train.seq_len": 256,
+        "train.micro_batch_size": 8,
+        "train.global_batch_size": 8,
+    },
 }
 
 
@@ -49,20 +66,36 @@ def worker(setting: str, compiled: bool, steps: int) -> dict:
 
     keep_freed_memory()  # what the t2tune CLI applies
     out = Path(tempfile.mkdtemp())
-    cfg = build_config({"task": "mnli", "out_dir": str(out), "train.steps": steps, "train.lr": 2e-4,
-                        "train.loss_on": "target", "train.packing": "isolated", "train.dropout": 0.0,
-                        "train.compile": compiled, "checkpoint.every": 0, "data.train": str(DATA),
-                        "data.validation": str(DATA), "eval.limit": 1, "export.gate": False,
-                        **SETTINGS[setting]})
+    cfg = build_config(
+        {
+            "task": "mnli",
+            "out_dir": str(out),
+            "train.steps": steps,
+            "train.lr": 2e-4,
+            "train.loss_on": "target",
+            "train.packing": "isolated",
+            "train.dropout": 0.0,
+            "train.compile": compiled,
+            "checkpoint.every": 0,
+            "data.train": str(DATA),
+            "data.validation": str(DATA),
+            "eval.limit": 1,
+            "export.gate": False,
+            **SETTINGS[setting],
+        }
+    )
     run = recipe.prepare(cfg, eval_rows=[])  # training speed only: nothing to validate
     run.train()
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [e for e in events if e["event"] == "train"]
     seconds = [b["train_seconds"] - a["train_seconds"] for a, b in zip([{"train_seconds": 0.0}] + train, train)]
     end = events[-1]
-    return {"losses": [e["loss"] for e in train], "step_seconds": seconds,
-            "tokens_per_s": (train[-1]["tokens_seen"] - train[WARM - 1]["tokens_seen"]) / sum(seconds[WARM:]),
-            "peak_rss_gib": end.get("peak_rss_gib", {}).get("train")}
+    return {
+        "losses": [e["loss"] for e in train],
+        "step_seconds": seconds,
+        "tokens_per_s": (train[-1]["tokens_seen"] - train[WARM - 1]["tokens_seen"]) / sum(seconds[WARM:]),
+        "peak_rss_gib": end.get("peak_rss_gib", {}).get("train"),
+    }
 
 
 def main() -> None:
@@ -84,8 +117,9 @@ def main() -> None:
             env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(prefix="inductor-"))
             command = [sys.executable, __file__, "--worker", setting, "--steps", str(args.steps)]
             started = time.perf_counter()
-            proc = subprocess.run(command + (["--compiled"] if compiled else []), capture_output=True, text=True,
-                                  env=env)
+            proc = subprocess.run(
+                command + (["--compiled"] if compiled else []), capture_output=True, text=True, env=env
+            )
             line = [text for text in proc.stdout.splitlines() if text.startswith("RESULT ")]
             if not line:
                 sys.exit(f"{setting} compiled={compiled} failed:\n{proc.stderr[-3000:]}")
@@ -96,17 +130,35 @@ def main() -> None:
         extra = sum(compiled["step_seconds"][:WARM]) - sum(eager["step_seconds"][:WARM])
         saving = step_e - step_c
         diffs = [abs(a - b) / abs(a) for a, b in zip(eager["losses"], compiled["losses"])]
-        rows.append({"setting": setting, "eager_step_s": step_e, "compiled_step_s": step_c,
-                     "speedup": step_e / step_c, "compile_s": extra,
-                     "break_even_steps": extra / saving if saving > 0 else None,
-                     "max_rel_loss_diff": max(diffs), "eager": eager, "compiled": compiled})
+        rows.append(
+            {
+                "setting": setting,
+                "eager_step_s": step_e,
+                "compiled_step_s": step_c,
+                "speedup": step_e / step_c,
+                "compile_s": extra,
+                "break_even_steps": extra / saving if saving > 0 else None,
+                "max_rel_loss_diff": max(diffs),
+                "eager": eager,
+                "compiled": compiled,
+            }
+        )
         row = rows[-1]
         even = f"{row['break_even_steps']:.0f}" if row["break_even_steps"] is not None else "never"
-        print(f"{setting:<11} eager {step_e:.3f} s/step, compiled {step_c:.3f} ({row['speedup']:.2f}x); "
-              f"compile {extra:.0f} s, break-even {even} steps; max rel loss diff {row['max_rel_loss_diff']:.2e}; "
-              f"train peak RSS {eager['peak_rss_gib']} vs {compiled['peak_rss_gib']} GiB", flush=True)
-    report = {"benchmark": "bench_compile", "steps": args.steps, "machine": platform.processor() or platform.machine(),
-              "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "rows": rows}
+        print(
+            f"{setting:<11} eager {step_e:.3f} s/step, compiled {step_c:.3f} ({row['speedup']:.2f}x); "
+            f"compile {extra:.0f} s, break-even {even} steps; max rel loss diff {row['max_rel_loss_diff']:.2e}; "
+            f"train peak RSS {eager['peak_rss_gib']} vs {compiled['peak_rss_gib']} GiB",
+            flush=True,
+        )
+    report = {
+        "benchmark": "bench_compile",
+        "steps": args.steps,
+        "machine": platform.processor() or platform.machine(),
+        "date": time.strftime("%Y-%m-%d"),
+        "command": " ".join(sys.argv),
+        "rows": rows,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(f"JSON: {args.out}")

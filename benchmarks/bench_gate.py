@@ -44,13 +44,21 @@ def main() -> None:
             model = loaded.model.to(dtype)
             reference = last_token_logits(model, ids)
             reports = []
-            export(model, loaded.tokenizer, Path(tmp) / str(dtype), card=lambda r: reports.append(r) or "",
-                   check=lambda folder: gate_export(folder, reference, ids))
+            export(
+                model,
+                loaded.tokenizer,
+                Path(tmp) / str(dtype),
+                card=lambda r, reports=reports: reports.append(r) or "",
+                check=lambda folder, reference=reference: gate_export(folder, reference, ids),
+            )
             name = str(dtype).removeprefix("torch.")
             scale = max(1.0, float(fp32_reference.abs().max()))
-            results[name] = {"gate_drift": reports[0].drift, "tolerance": reports[0].tolerance,
-                             "vs_fp32_model": float((reference - fp32_reference).abs().max()) / scale,
-                             "greedy_agree_with_fp32": int((reference.argmax(-1) == fp32_reference.argmax(-1)).sum())}
+            results[name] = {
+                "gate_drift": reports[0].drift,
+                "tolerance": reports[0].tolerance,
+                "vs_fp32_model": float((reference - fp32_reference).abs().max()) / scale,
+                "greedy_agree_with_fp32": int((reference.argmax(-1) == fp32_reference.argmax(-1)).sum()),
+            }
     print(json.dumps({"prompts": len(ids), **results}, indent=1))
 
 

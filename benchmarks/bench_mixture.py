@@ -39,17 +39,30 @@ def main() -> None:
     mixed = run(["configs/glue3-smollm2-cpu.yaml", *budget], args.out / "mixture")
     final = [e for e in mixed if e["event"] == "eval"][-1]
     end = mixed[-1]
-    rows["mixture (MNLI + RTE + SST-2)"] = {**{t: final[f"{t}/accuracy"] for t in ("mnli", "rte", "sst2")},
-                                            "steps": end["step"], "train_minutes": end["train_seconds"] / 60}
+    rows["mixture (MNLI + RTE + SST-2)"] = {
+        **{t: final[f"{t}/accuracy"] for t in ("mnli", "rte", "sst2")},
+        "steps": end["step"],
+        "train_minutes": end["train_seconds"] / 60,
+    }
     for task in ("mnli", "rte", "sst2"):
         # the demo config holds the same train.* keys as glue3's (steps: auto, warmup_fraction 0.05)
-        single = ["configs/mnli-smollm2-cpu.yaml", *budget, f"task={task}", f"data.train={DATA / task}",
-                  f"data.validation={DATA / task}", "data.hub_config=null", "eval.max_new_tokens=auto",
-                  "train.truncate=true"]
+        single = [
+            "configs/mnli-smollm2-cpu.yaml",
+            *budget,
+            f"task={task}",
+            f"data.train={DATA / task}",
+            f"data.validation={DATA / task}",
+            "data.hub_config=null",
+            "eval.max_new_tokens=auto",
+            "train.truncate=true",
+        ]
         events = run(single, args.out / task)
         last = [e for e in events if e["event"] == "eval"][-1]
-        rows[f"{task} alone"] = {task: last["accuracy"], "steps": events[-1]["step"],
-                                 "train_minutes": events[-1]["train_seconds"] / 60}
+        rows[f"{task} alone"] = {
+            task: last["accuracy"],
+            "steps": events[-1]["step"],
+            "train_minutes": events[-1]["train_seconds"] / 60,
+        }
     print(f"\n{args.minutes:g} minutes of training per arm\n")
     print("| arm | MNLI | RTE | SST-2 | steps | training minutes |\n|---|---|---|---|---|---|")
     for name, values in rows.items():

@@ -26,7 +26,7 @@ from t2tune.tokenize import encode_for_training
 MNLI = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnli"
 
 
-def _ignores_restarts(module, query, key, value, attention_mask, **kwargs):  # noqa: ANN001, ANN003, ANN201
+def _ignores_restarts(module, query, key, value, attention_mask, **kwargs):
     kwargs.pop("is_causal", None)
     return sdpa_attention_forward(module, query, key, value, None, is_causal=True, **kwargs)
 

@@ -35,10 +35,22 @@ Point = tuple[int, float, float]  # optimizer step, training minutes, accuracy
 
 
 def run_t2tune(minutes: float, eval_every: int, limit: int, seed: int, out: Path) -> list[Point]:
-    cmd = [sys.executable, "-m", "t2tune", "train", str(ROOT / "configs" / "mnli-smollm2-cpu.yaml"),
-           f"data.train={DATA}", f"data.validation={DATA}", f"out_dir={out}", f"train.max_minutes={minutes}",
-           f"train.seed={seed}", f"eval.every={eval_every}", f"eval.limit={limit}", "checkpoint.every=0",
-           "export.gate=false"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "t2tune",
+        "train",
+        str(ROOT / "configs" / "mnli-smollm2-cpu.yaml"),
+        f"data.train={DATA}",
+        f"data.validation={DATA}",
+        f"out_dir={out}",
+        f"train.max_minutes={minutes}",
+        f"train.seed={seed}",
+        f"eval.every={eval_every}",
+        f"eval.limit={limit}",
+        "checkpoint.every=0",
+        "export.gate=false",
+    ]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [(e["step"], e["train_seconds"] / 60, e["accuracy"]) for e in events if e["event"] == "eval"]
@@ -62,7 +74,7 @@ def run_reference(minutes: float, eval_every: int, limit: int, seed: int, out: P
     stream = []
     for ids in tok([task.train_text(r, tok.eos_token) for r in rows], add_special_tokens=False)["input_ids"]:
         stream.extend(ids)
-    blocks = [stream[i:i + 256] for i in range(0, len(stream) - 255, 256)]
+    blocks = [stream[i : i + 256] for i in range(0, len(stream) - 255, 256)]
     ds = Dataset.from_dict({"input_ids": blocks, "labels": blocks})
     curve: list[Point] = []
 
@@ -77,27 +89,53 @@ def run_reference(minutes: float, eval_every: int, limit: int, seed: int, out: P
             self.trained += time.perf_counter() - self.since
             done = self.trained >= minutes * 60
             if state.global_step % eval_every == 0 or done:
-                result = evaluate(model, tok, task, val, mode="generate", max_new_tokens=5, batch_size=64,
-                                  seq_len=256, precision="bf16")
+                result = evaluate(
+                    model,
+                    tok,
+                    task,
+                    val,
+                    mode="generate",
+                    max_new_tokens=5,
+                    batch_size=64,
+                    seq_len=256,
+                    precision="bf16",
+                )
                 model.train()
                 curve.append((state.global_step, self.trained / 60, result.metrics["accuracy"]))
                 print(f"reference: step {state.global_step}, {curve[-1][1]:.1f} min → {curve[-1][2]:.1%}", flush=True)
             control.should_training_stop = done
 
-    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=8, max_steps=100_000,
-                             learning_rate=2e-4, lr_scheduler_type="constant_with_warmup", warmup_steps=20,
-                             bf16=True, use_cpu=True, logging_steps=50, save_strategy="no", report_to=[], seed=seed,
-                             dataloader_num_workers=0, weight_decay=0.0)
-    Trainer(model=loaded.model, args=args, train_dataset=ds, data_collator=default_data_collator,
-            callbacks=[Budget()]).train()
+    args = TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=8,
+        max_steps=100_000,
+        learning_rate=2e-4,
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=20,
+        bf16=True,
+        use_cpu=True,
+        logging_steps=50,
+        save_strategy="no",
+        report_to=[],
+        seed=seed,
+        dataloader_num_workers=0,
+        weight_decay=0.0,
+    )
+    Trainer(
+        model=loaded.model, args=args, train_dataset=ds, data_collator=default_data_collator, callbacks=[Budget()]
+    ).train()
     return curve
 
 
 def table(curves: dict[str, list[Point]], peak: float, machine: str, args: argparse.Namespace) -> str:
-    lines = [f"bf16 matmul peak of this machine: **{peak:.3f} TFLOP/s** ({machine}), measured at the start.",
-             f"Budget: {args.minutes:g} training minutes per arm, seed {args.seed}; validation: the first "
-             f"{args.limit} rows of MNLI validation.jsonl, greedy generation. {time.strftime('%Y-%m-%d %H:%M')}.",
-             "", "| arm | step | training minutes | accuracy |", "|---|---|---|---|"]
+    lines = [
+        f"bf16 matmul peak of this machine: **{peak:.3f} TFLOP/s** ({machine}), measured at the start.",
+        f"Budget: {args.minutes:g} training minutes per arm, seed {args.seed}; validation: the first "
+        f"{args.limit} rows of MNLI validation.jsonl, greedy generation. {time.strftime('%Y-%m-%d %H:%M')}.",
+        "",
+        "| arm | step | training minutes | accuracy |",
+        "|---|---|---|---|",
+    ]
     for name, curve in curves.items():
         lines += [f"| {name} | {step} | {minutes:.1f} | {accuracy:.1%} |" for step, minutes, accuracy in curve]
     return "\n".join(lines) + "\n"
@@ -112,8 +150,11 @@ def plot(curves: dict[str, list[Point]], peak: float, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for name, curve in curves.items():
         ax.plot([m for _, m, _ in curve], [a for _, _, a in curve], marker="o", label=name)
-    ax.set(xlabel=f"training minutes (machine's bf16 matmul peak: {peak:.3f} TFLOP/s)",
-           ylabel="MNLI validation accuracy (greedy generation)", title="accuracy against training time")
+    ax.set(
+        xlabel=f"training minutes (machine's bf16 matmul peak: {peak:.3f} TFLOP/s)",
+        ylabel="MNLI validation accuracy (greedy generation)",
+        title="accuracy against training time",
+    )
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -147,19 +188,33 @@ def main() -> None:
     print(f"bf16 matmul peak: {peak:.3f} TFLOP/s ({machine})", flush=True)
     curves: dict[str, list[Point]] = {}
     if "t2tune" in arms:
-        curves["t2tune demo recipe"] = run_t2tune(args.minutes, args.eval_every, args.limit, args.seed,
-                                                  args.out / "t2tune")
+        curves["t2tune demo recipe"] = run_t2tune(
+            args.minutes, args.eval_every, args.limit, args.seed, args.out / "t2tune"
+        )
     if "reference" in arms:
-        curves["reference recipe (HF Trainer)"] = run_reference(args.minutes, args.eval_every, args.limit, args.seed,
-                                                                     args.out / "reference")
+        curves["reference recipe (HF Trainer)"] = run_reference(
+            args.minutes, args.eval_every, args.limit, args.seed, args.out / "reference"
+        )
     text = table(curves, peak, machine, args)
     print(text)
     (args.out / "bench_quality.md").write_text(text)
-    (args.out / "bench_quality.json").write_text(json.dumps(
-        {"minutes": args.minutes, "limit": args.limit, "seed": args.seed, "peak_tflops_bf16": peak,
-         "machine": machine, "date": time.strftime("%Y-%m-%d"),
-         "curves": {name: [{"step": s, "minutes": m, "accuracy": a} for s, m, a in curve]
-                    for name, curve in curves.items()}}, indent=1))
+    (args.out / "bench_quality.json").write_text(
+        json.dumps(
+            {
+                "minutes": args.minutes,
+                "limit": args.limit,
+                "seed": args.seed,
+                "peak_tflops_bf16": peak,
+                "machine": machine,
+                "date": time.strftime("%Y-%m-%d"),
+                "curves": {
+                    name: [{"step": s, "minutes": m, "accuracy": a} for s, m, a in curve]
+                    for name, curve in curves.items()
+                },
+            },
+            indent=1,
+        )
+    )
     plot(curves, peak, args.out / "bench_quality.png")
     print(f"table, JSON and PNG in {args.out}")
 

@@ -41,10 +41,25 @@ def arm_command(arm: str, steps: int, seed: int, out: Path, threads: int | None 
     overrides = [o for o in ARMS[arm] if o != "half_steps"]
     if "half_steps" in ARMS[arm]:
         steps //= 2
-    return [sys.executable, "-m", "t2tune", "train", str(CONFIG), f"data.train={DATA}", f"data.validation={DATA}",
-            f"out_dir={out}", f"train.steps={steps}", "train.max_minutes=null", f"train.seed={seed}",
-            "eval.every=0", "eval.limit=null", "checkpoint.every=50", "checkpoint.keep=1", *overrides,
-            *([f"train.threads={threads}"] if threads else [])]
+    return [
+        sys.executable,
+        "-m",
+        "t2tune",
+        "train",
+        str(CONFIG),
+        f"data.train={DATA}",
+        f"data.validation={DATA}",
+        f"out_dir={out}",
+        f"train.steps={steps}",
+        "train.max_minutes=null",
+        f"train.seed={seed}",
+        "eval.every=0",
+        "eval.limit=null",
+        "checkpoint.every=50",
+        "checkpoint.keep=1",
+        *overrides,
+        *([f"train.threads={threads}"] if threads else []),
+    ]
 
 
 def run_arm(arm: str, steps: int, seed: int, out: Path, threads: int | None) -> dict:
@@ -54,22 +69,46 @@ def run_arm(arm: str, steps: int, seed: int, out: Path, threads: int | None) -> 
     events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     end = next(e for e in reversed(events) if e["event"] == "end")
     generate = next(e for e in reversed(events) if e["event"] == "eval")
-    score_cmd = [sys.executable, "-m", "t2tune", "evaluate", str(run_dir / "hf"), "--task", "mnli", "--data",
-                 str(DATA), "--mode", "score", "--precision", "bf16"]
+    score_cmd = [
+        sys.executable,
+        "-m",
+        "t2tune",
+        "evaluate",
+        str(run_dir / "hf"),
+        "--task",
+        "mnli",
+        "--data",
+        str(DATA),
+        "--mode",
+        "score",
+        "--precision",
+        "bf16",
+    ]
     printed = subprocess.run(score_cmd, check=True, capture_output=True, text=True).stdout
     score = json.loads(printed.strip().splitlines()[-1])
-    return {"benchmark": "bench_steps", "arm": arm, "overrides": ARMS[arm], "seed": seed,
-            "steps": end["exported_step"], "examples": generate["n"], "generate": generate["accuracy"],
-            "score": score["accuracy"], "tokens_per_s": end["tokens_per_s"],
-            "final_loss": next(e["loss"] for e in reversed(events) if e["event"] == "train"),
-            "command": " ".join(train[1:]), "score_command": " ".join(score_cmd[1:])}
+    return {
+        "benchmark": "bench_steps",
+        "arm": arm,
+        "overrides": ARMS[arm],
+        "seed": seed,
+        "steps": end["exported_step"],
+        "examples": generate["n"],
+        "generate": generate["accuracy"],
+        "score": score["accuracy"],
+        "tokens_per_s": end["tokens_per_s"],
+        "final_loss": next(e["loss"] for e in reversed(events) if e["event"] == "train"),
+        "command": " ".join(train[1:]),
+        "score_command": " ".join(score_cmd[1:]),
+    }
 
 
 def table(results: list[dict]) -> str:
     lines = ["| arm | overrides | seed | steps | generate | score | last loss |", "|---|---|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r['arm']} | {' '.join(r['overrides']) or '(the demo recipe)'} | {r['seed']} | {r['steps']} "
-                     f"| {r['generate']:.4f} | {r['score']:.4f} | {r['final_loss']:.4f} |")
+        lines.append(
+            f"| {r['arm']} | {' '.join(r['overrides']) or '(the demo recipe)'} | {r['seed']} | {r['steps']} "
+            f"| {r['generate']:.4f} | {r['score']:.4f} | {r['final_loss']:.4f} |"
+        )
     return "\n".join(lines)
 
 

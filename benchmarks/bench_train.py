@@ -34,7 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, claim_out  # noqa: E402 (benchmarks/ is on sys.path when run)
+from common import ROOT, claim_out
+
 DATA = ROOT.parent / "shared" / "data" / "mnli"
 SEQ_LEN, MICRO, LR, WARM = 256, 8, 2e-4, 2
 
@@ -53,22 +54,41 @@ def worker_t2tune(objective: str, steps: int, micro: int = MICRO) -> dict:
     out = Path(tempfile.mkdtemp())
     # the whole recipe, as `t2tune train` runs it; no validation rows. Tokens/s comes from the
     # loop's own clock (train_seconds counts optimizer steps only, not the final checkpoint/export)
-    cfg = build_config({"task": "mnli", "out_dir": str(out), "model.name": "smollm2-135m", "train.steps": steps,
-                        "train.seq_len": SEQ_LEN, "train.micro_batch_size": micro, "train.global_batch_size": MICRO,
-                        "train.lr": LR, "train.precision": "bf16", "train.loss_on": objective,
-                        "train.packing": "concat", "train.dropout": 0.0, "checkpoint.every": 0,
-                        "data.train": str(DATA), "data.validation": str(DATA), "eval.limit": 1})
+    cfg = build_config(
+        {
+            "task": "mnli",
+            "out_dir": str(out),
+            "model.name": "smollm2-135m",
+            "train.steps": steps,
+            "train.seq_len": SEQ_LEN,
+            "train.micro_batch_size": micro,
+            "train.global_batch_size": MICRO,
+            "train.lr": LR,
+            "train.precision": "bf16",
+            "train.loss_on": objective,
+            "train.packing": "concat",
+            "train.dropout": 0.0,
+            "checkpoint.every": 0,
+            "data.train": str(DATA),
+            "data.validation": str(DATA),
+            "eval.limit": 1,
+        }
+    )
     run = recipe.prepare(cfg, eval_rows=[])  # training speed only: nothing to validate
     run.train()
-    events = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [e for e in events if e["event"] == "train"]
     timed = train[WARM:]
     tokens = timed[-1]["tokens_seen"] - train[WARM - 1]["tokens_seen"]
     seconds = timed[-1]["train_seconds"] - train[WARM - 1]["train_seconds"]
     n_params = sum(p.numel() for p in run.model.parameters())
-    return {"tokens_per_s": tokens / seconds, "final_loss": train[-1]["loss"],
-            "mean_loss": sum(e["loss"] for e in train) / len(train), "peak_rss_mib": _peak_rss_mib(),
-            "params": n_params}
+    return {
+        "tokens_per_s": tokens / seconds,
+        "final_loss": train[-1]["loss"],
+        "mean_loss": sum(e["loss"] for e in train) / len(train),
+        "peak_rss_mib": _peak_rss_mib(),
+        "params": n_params,
+    }
 
 
 def worker_hf(objective: str, steps: int, malloc: bool = False) -> dict:
@@ -96,8 +116,12 @@ def worker_hf(objective: str, steps: int, malloc: bool = False) -> dict:
         ids.extend(p + t + [tok.eos_token_id])
         labels.extend(([-100] * len(p) if objective == "target" else p) + t + [tok.eos_token_id])
     blocks = len(ids) // SEQ_LEN
-    ds = Dataset.from_dict({"input_ids": [ids[i * SEQ_LEN:(i + 1) * SEQ_LEN] for i in range(blocks)],
-                            "labels": [labels[i * SEQ_LEN:(i + 1) * SEQ_LEN] for i in range(blocks)]})
+    ds = Dataset.from_dict(
+        {
+            "input_ids": [ids[i * SEQ_LEN : (i + 1) * SEQ_LEN] for i in range(blocks)],
+            "labels": [labels[i * SEQ_LEN : (i + 1) * SEQ_LEN] for i in range(blocks)],
+        }
+    )
     stamps, losses = [], []
 
     class Clock(TrainerCallback):
@@ -108,17 +132,35 @@ def worker_hf(objective: str, steps: int, malloc: bool = False) -> dict:
             if logs and "loss" in logs:
                 losses.append(logs["loss"])
 
-    args = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=MICRO, max_steps=steps,
-                             learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, bf16=True,
-                             use_cpu=True, logging_steps=1, save_strategy="no", report_to=[], seed=42,
-                             dataloader_num_workers=0, max_grad_norm=1.0, weight_decay=0.0)
-    Trainer(model=loaded.model, args=args, train_dataset=ds, data_collator=default_data_collator,
-            callbacks=[Clock()]).train()
+    args = TrainingArguments(
+        output_dir=tempfile.mkdtemp(),
+        per_device_train_batch_size=MICRO,
+        max_steps=steps,
+        learning_rate=LR,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        bf16=True,
+        use_cpu=True,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        seed=42,
+        dataloader_num_workers=0,
+        max_grad_norm=1.0,
+        weight_decay=0.0,
+    )
+    Trainer(
+        model=loaded.model, args=args, train_dataset=ds, data_collator=default_data_collator, callbacks=[Clock()]
+    ).train()
     seconds = stamps[-1] - stamps[WARM - 1]
     tokens = (len(stamps) - WARM) * MICRO * SEQ_LEN
-    return {"tokens_per_s": tokens / seconds, "final_loss": losses[-1], "mean_loss": sum(losses) / len(losses),
-            "peak_rss_mib": _peak_rss_mib(),
-            "params": sum(p.numel() for p in loaded.model.parameters())}
+    return {
+        "tokens_per_s": tokens / seconds,
+        "final_loss": losses[-1],
+        "mean_loss": sum(losses) / len(losses),
+        "peak_rss_mib": _peak_rss_mib(),
+        "params": sum(p.numel() for p in loaded.model.parameters()),
+    }
 
 
 def worker_trl(objective: str, steps: int, strategy: str = "bfd") -> dict:
@@ -140,8 +182,9 @@ def worker_trl(objective: str, steps: int, strategy: str = "bfd") -> dict:
     task = get_task("mnli")
     loaded = load_model(ModelConfig(name="smollm2-135m"))
     rows = load_examples(task, str(DATA), "train")
-    ds = Dataset.from_dict({"prompt": [task.prompt_text(r) for r in rows],
-                            "completion": [" " + task.target_text(r) for r in rows]})
+    ds = Dataset.from_dict(
+        {"prompt": [task.prompt_text(r) for r in rows], "completion": [" " + task.target_text(r) for r in rows]}
+    )
     stamps, tokens, losses = [], [], []
 
     class Clock(TrainerCallback):
@@ -154,18 +197,40 @@ def worker_trl(objective: str, steps: int, strategy: str = "bfd") -> dict:
                 losses.append(logs["loss"])
 
     # every token of a packed batch is real: bfd is padding-free, wrapped fills its blocks
-    args = SFTConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=MICRO, max_steps=steps,
-                     learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, bf16=True, use_cpu=True,
-                     logging_steps=1, save_strategy="no", report_to=[], seed=42, dataloader_num_workers=0,
-                     max_grad_norm=1.0, weight_decay=0.0, max_length=SEQ_LEN, packing=True,
-                     packing_strategy=strategy, completion_only_loss=objective == "target",
-                     include_num_input_tokens_seen="all", dataset_num_proc=None)
-    SFTTrainer(model=loaded.model, args=args, train_dataset=ds, processing_class=loaded.tokenizer,
-               callbacks=[Clock()]).train()
+    args = SFTConfig(
+        output_dir=tempfile.mkdtemp(),
+        per_device_train_batch_size=MICRO,
+        max_steps=steps,
+        learning_rate=LR,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        bf16=True,
+        use_cpu=True,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        seed=42,
+        dataloader_num_workers=0,
+        max_grad_norm=1.0,
+        weight_decay=0.0,
+        max_length=SEQ_LEN,
+        packing=True,
+        packing_strategy=strategy,
+        completion_only_loss=objective == "target",
+        include_num_input_tokens_seen="all",
+        dataset_num_proc=None,
+    )
+    SFTTrainer(
+        model=loaded.model, args=args, train_dataset=ds, processing_class=loaded.tokenizer, callbacks=[Clock()]
+    ).train()
     seconds = stamps[-1] - stamps[WARM - 1]
-    return {"tokens_per_s": (tokens[-1] - tokens[WARM - 1]) / seconds, "final_loss": losses[-1],
-            "mean_loss": sum(losses) / len(losses), "peak_rss_mib": _peak_rss_mib(),
-            "params": sum(p.numel() for p in loaded.model.parameters())}
+    return {
+        "tokens_per_s": (tokens[-1] - tokens[WARM - 1]) / seconds,
+        "final_loss": losses[-1],
+        "mean_loss": sum(losses) / len(losses),
+        "peak_rss_mib": _peak_rss_mib(),
+        "params": sum(p.numel() for p in loaded.model.parameters()),
+    }
 
 
 def bf16_matmul_peak() -> float:
@@ -178,7 +243,7 @@ def bf16_matmul_peak() -> float:
     reps = 10
     for _ in range(reps):
         a @ b
-    return 2 * 2048 ** 3 * reps / (time.perf_counter() - start)
+    return 2 * 2048**3 * reps / (time.perf_counter() - start)
 
 
 RUNNERS = {
@@ -212,9 +277,12 @@ def main() -> None:
         parser.error(f"--runners: unknown {', '.join(unknown)} (known: {', '.join(RUNNERS)})")
     for objective in args.objectives.split(","):
         for who in runners:
-            proc = subprocess.run([sys.executable, __file__, "--worker", who, "--objective", objective,
-                                   "--steps", str(args.steps)], capture_output=True, text=True)
-            line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+            proc = subprocess.run(
+                [sys.executable, __file__, "--worker", who, "--objective", objective, "--steps", str(args.steps)],
+                capture_output=True,
+                text=True,
+            )
+            line = [text for text in proc.stdout.splitlines() if text.startswith("RESULT ")]
             if not line:
                 sys.exit(f"{who}/{objective} failed:\n{proc.stderr[-3000:]}")
             result = json.loads(line[0][7:])
@@ -222,21 +290,32 @@ def main() -> None:
             result["flops_per_s"] = 6 * result["params"] * result["tokens_per_s"]
             result["fraction_of_bf16_peak"] = result["flops_per_s"] / peak
             table.append(result)
-    print(f"{'objective':<10}{'runner':<22}{'tokens/s':>10}{'ratio':>7}{'final loss':>12}{'mean loss':>11}"
-          f"{'peak RSS MiB':>14}"
-          f"{'of bf16 peak':>14}")
+    print(
+        f"{'objective':<10}{'runner':<22}{'tokens/s':>10}{'ratio':>7}{'final loss':>12}{'mean loss':>11}"
+        f"{'peak RSS MiB':>14}"
+        f"{'of bf16 peak':>14}"
+    )
     for row in table:
         base = next((r for r in table if r["objective"] == row["objective"] and r["runner"] == "HF Trainer"), row)
         row["ratio_vs_hf"] = row["tokens_per_s"] / base["tokens_per_s"]
         trl = [r["tokens_per_s"] for r in table if r["objective"] == row["objective"] and r["runner"].startswith("TRL")]
         row["ratio_vs_faster_trl"] = row["tokens_per_s"] / max(trl) if trl else None
-        print(f"{row['objective']:<10}{row['runner']:<22}{row['tokens_per_s']:>10.0f}{row['ratio_vs_hf']:>7.2f}"
-              f"{row['final_loss']:>12.4f}{row['mean_loss']:>11.4f}{row['peak_rss_mib']:>14.0f}"
-              f"{row['fraction_of_bf16_peak']:>14.2f}"
-              + (f"  {row['ratio_vs_faster_trl']:.2f}x the faster TRL arm" if row["ratio_vs_faster_trl"] else ""))
-    report = {"benchmark": "bench_train", "steps": args.steps, "seq_len": SEQ_LEN, "micro_batch": MICRO,
-              "bf16_matmul_peak_flops": peak, "machine": platform.processor() or platform.machine(),
-              "date": time.strftime("%Y-%m-%d"), "rows": table}
+        print(
+            f"{row['objective']:<10}{row['runner']:<22}{row['tokens_per_s']:>10.0f}{row['ratio_vs_hf']:>7.2f}"
+            f"{row['final_loss']:>12.4f}{row['mean_loss']:>11.4f}{row['peak_rss_mib']:>14.0f}"
+            f"{row['fraction_of_bf16_peak']:>14.2f}"
+            + (f"  {row['ratio_vs_faster_trl']:.2f}x the faster TRL arm" if row["ratio_vs_faster_trl"] else "")
+        )
+    report = {
+        "benchmark": "bench_train",
+        "steps": args.steps,
+        "seq_len": SEQ_LEN,
+        "micro_batch": MICRO,
+        "bf16_matmul_peak_flops": peak,
+        "machine": platform.processor() or platform.machine(),
+        "date": time.strftime("%Y-%m-%d"),
+        "rows": table,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(f"bf16 matmul peak: {peak / 1e9:.0f} GFLOP/s; JSON: {args.out}")

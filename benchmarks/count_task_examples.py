@@ -32,11 +32,12 @@ def main() -> None:
         try:
             state, counts = TrainState(), {}
             for _ in range(args.steps):
-                for epoch, index in next_positions(lambda e: len(run.rows_of(e)), state,
-                                                   cfg.train.global_batch_size, cfg.train.seed):
+                for epoch, index in next_positions(
+                    lambda e: len(run.rows_of(e)), state, cfg.train.global_batch_size, cfg.train.seed
+                ):
                     row = run.rows_of(epoch)[index]
                     for start, _ in segments(row):
-                        name = run.tokenizer.decode(row.tokens[start:start + 3]).split()[0]
+                        name = run.tokenizer.decode(row.tokens[start : start + 3]).split()[0]
                         counts[name] = counts.get(name, 0) + 1
         finally:
             run.lock.release()

@@ -45,8 +45,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-from t2tune.runfolder import RunFolder  # noqa: E402
 from t2tune.files import read_marker  # noqa: E402
+from t2tune.runfolder import RunFolder  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "mnli"
 GIB = 1024**3
@@ -55,6 +55,7 @@ MARKER = "t2tune-random-gptj-6b.json"  # written last: a folder without it is no
 
 
 # --- the random model ----------------------------------------------------------------------
+
 
 def _init(name: str, like: Any, index: int) -> Any:
     """A tensor of ``like``'s shape, made directly in bf16: LayerNorm weight 1, biases 0, the
@@ -75,8 +76,9 @@ def build_model(folder: Path, shape: str = "6b") -> dict[str, Any]:
     if (folder / MARKER).is_file():
         return {"reused": True}
     if folder.exists():
-        raise SystemExit(f"{folder}: exists but is not a finished random GPT-J 6B (no {MARKER}); "
-                         "pass another --work or remove it")
+        raise SystemExit(
+            f"{folder}: exists but is not a finished random GPT-J 6B (no {MARKER}); pass another --work or remove it"
+        )
     import torch
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
@@ -93,7 +95,9 @@ def build_model(folder: Path, shape: str = "6b") -> dict[str, Any]:
     with init_empty_weights():  # names and shapes only: no memory
         skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     shapes = skeleton.state_dict()
-    tensors = {name: (like, lambda n=name, t=like, i=i: _init(n, t, i)) for i, (name, like) in enumerate(shapes.items())}
+    tensors = {
+        name: (like, lambda n=name, t=like, i=i: _init(n, t, i)) for i, (name, like) in enumerate(shapes.items())
+    }
     write_safetensors(partial, tensors, shard_bytes=1 << 30)
     config.save_pretrained(partial)
     gptj_tokenizer().save_pretrained(partial)
@@ -104,6 +108,7 @@ def build_model(folder: Path, shape: str = "6b") -> dict[str, Any]:
 
 
 # --- running and measuring a stage ---------------------------------------------------------
+
 
 def _tree_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
@@ -130,7 +135,7 @@ class Stage:
         self.name, self.work, self.log = name, work, log
         self.before = _tree_bytes(work)
         self.start = time.perf_counter()
-        self.out = open(log, "w")  # noqa: SIM115 (closed in wait)
+        self.out = open(log, "w")
         self.proc = subprocess.Popen(argv, cwd=ROOT, stdout=self.out, stderr=subprocess.STDOUT, text=True)
         self.sampled = self.anon = 0
         self._done = threading.Event()
@@ -160,14 +165,21 @@ class Stage:
         self.out.close()
         peak = max(self.sampled, usage.ru_maxrss * 1024)
         out_dir, printed = extra.pop("out_dir", None), extra.pop("printed", False)
-        result = {"stage": self.name, "rc": self.proc.returncode, "wall_s": round(time.perf_counter() - self.start, 1),
-                  "peak_rss_gib": round(peak / GIB, 2), "peak_anon_rss_gib": round(self.anon / GIB, 2),
-                  "disk_written_gb": round((_tree_bytes(self.work) - self.before) / 1e9, 2), **extra}
+        result = {
+            "stage": self.name,
+            "rc": self.proc.returncode,
+            "wall_s": round(time.perf_counter() - self.start, 1),
+            "peak_rss_gib": round(peak / GIB, 2),
+            "peak_anon_rss_gib": round(self.anon / GIB, 2),
+            "disk_written_gb": round((_tree_bytes(self.work) - self.before) / 1e9, 2),
+            **extra,
+        }
         if out_dir is not None:
             result.update(_summary(out_dir))
         if self.proc.returncode == 2:  # t2tune's one-line refusal
-            result["refused"] = next((line for line in self.log.read_text().splitlines()
-                                      if line.startswith("t2tune: error:")), None)
+            result["refused"] = next(
+                (line for line in self.log.read_text().splitlines() if line.startswith("t2tune: error:")), None
+            )
         if printed:  # the JSON line the command printed last
             result["result"] = _last_line(self.log)
         print(json.dumps(result), flush=True)
@@ -187,9 +199,14 @@ def _summary(out_dir: Path) -> dict[str, Any]:
     keys = ("tokens_per_s", "mfu", "train_seconds", "eval_seconds", "gate_drift", "merge_rounding_lost")
     if not end and steps:
         end = {"tokens_per_s": steps[-1]["tokens_per_s"], "mfu": steps[-1]["mfu"]}  # the last step's
-    return {**{k: end.get(k) for k in keys}, "rss_by_stage_gib": end.get("peak_rss_gib"), "losses": [e["loss"] for e in steps],
-            "step_s": [round(b["train_seconds"] - a, 1) for a, b in
-                       zip([0.0] + [e["train_seconds"] for e in steps], steps)]}
+    return {
+        **{k: end.get(k) for k in keys},
+        "rss_by_stage_gib": end.get("peak_rss_gib"),
+        "losses": [e["loss"] for e in steps],
+        "step_s": [
+            round(b["train_seconds"] - a, 1) for a, b in zip([0.0] + [e["train_seconds"] for e in steps], steps)
+        ],
+    }
 
 
 def _last_line(log: Path) -> dict[str, Any]:
@@ -202,8 +219,11 @@ def _adapters_equal(a: Path, b: Path) -> dict[str, Any]:
 
     left, right = (load_file(next(p.glob("adapter_model*.safetensors"))) for p in (a, b))
     same = left.keys() == right.keys() and all(left[k].equal(right[k]) for k in left)
-    diff = max(float((left[k].float() - right[k].float()).abs().max()) for k in left) if left.keys() == right.keys() \
+    diff = (
+        max(float((left[k].float() - right[k].float()).abs().max()) for k in left)
+        if left.keys() == right.keys()
         else float("inf")
+    )
     return {"identical": same, "tensors": len(left), "max_abs_diff": diff}
 
 
@@ -221,23 +241,39 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work", default=str(ROOT / "runs" / "gptj6b-cpu"), help="model, runs and logs (~40 GB)")
     parser.add_argument("--steps", type=int, default=2, help="optimizer steps of each training run")
-    parser.add_argument("--shape", choices=("6b", "tiny"), default="6b", help="tiny: the 2-layer tiny-gptj, to try "
-                        "the script in a minute")
-    parser.add_argument("--arms", choices=("all", "lora", "qlora"), default="all",
-                        help="lora: stages 1-4; qlora: stage 5 alone (results-qlora.json)")
+    parser.add_argument(
+        "--shape",
+        choices=("6b", "tiny"),
+        default="6b",
+        help="tiny: the 2-layer tiny-gptj, to try the script in a minute",
+    )
+    parser.add_argument(
+        "--arms",
+        choices=("all", "lora", "qlora"),
+        default="all",
+        help="lora: stages 1-4; qlora: stage 5 alone (results-qlora.json)",
+    )
     args = parser.parse_args()
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     model_dir = work / f"random-gptj-{args.shape}"
-    results: dict[str, Any] = {"command": f"benchmarks/gptj6b_cpu.py --steps {args.steps} --shape {args.shape} "
-                                          f"--arms {args.arms}",
-                               "cpu_threads": os.cpu_count(), "stages": []}
+    results: dict[str, Any] = {
+        "command": f"benchmarks/gptj6b_cpu.py --steps {args.steps} --shape {args.shape} --arms {args.arms}",
+        "cpu_threads": os.cpu_count(),
+        "stages": [],
+    }
     stages = results["stages"]
 
     before, start = _tree_bytes(work), time.perf_counter()
     built = build_model(model_dir, args.shape)
-    stages.append({"stage": f"build random GPT-J {args.shape} (bf16)", "wall_s": round(time.perf_counter() - start, 1),
-                   "disk_written_gb": round((_tree_bytes(work) - before) / 1e9, 2), **built})
+    stages.append(
+        {
+            "stage": f"build random GPT-J {args.shape} (bf16)",
+            "wall_s": round(time.perf_counter() - start, 1),
+            "disk_written_gb": round((_tree_bytes(work) - before) / 1e9, 2),
+            **built,
+        }
+    )
     print(json.dumps(stages[-1]), flush=True)
 
     config = work / "gptj6b-lora-cpu.yaml"
@@ -264,7 +300,9 @@ eval: {{every: {args.steps}, limit: 4, batch_size: 4, seq_len: 256, mode: genera
     (work / name).write_text(json.dumps(results, indent=1))
     print(f"results: {work / name}")
     # a gate refusing a lossy merge is a finding the stage reports, not a failure of the benchmark
-    failed = [s for s in stages if s.get("rc") not in (0, None, -9) and "export gate failed" not in (s.get("refused") or "")]
+    failed = [
+        s for s in stages if s.get("rc") not in (0, None, -9) and "export gate failed" not in (s.get("refused") or "")
+    ]
     if failed or not results.get("resume", {"identical": True})["identical"]:
         raise SystemExit(1)
 
@@ -272,8 +310,12 @@ eval: {{every: {args.steps}, limit: 4, batch_size: 4, seq_len: 256, mode: genera
 def _qlora_arm(work: Path, config: Path, run_q: Path, results: dict[str, Any]) -> None:
     """5. ``train`` Q: A's run over NF4 4-bit base weights (QLoRA), exported merged (dequantized
     to bf16) with its gate; tokens/s against A's when both ran."""
-    q = Stage("train Q (QLoRA: NF4 base, same LoRA; merged bf16 export + gate)",
-              _cli("train", config, f"out_dir={run_q}", "train.method=qlora"), work, work / "train-q.log")
+    q = Stage(
+        "train Q (QLoRA: NF4 base, same LoRA; merged bf16 export + gate)",
+        _cli("train", config, f"out_dir={run_q}", "train.method=qlora"),
+        work,
+        work / "train-q.log",
+    )
     results["stages"].append(q.wait(out_dir=run_q))
     lora = next((s for s in results["stages"] if s["stage"].startswith("train A")), None)
     if lora and lora.get("tokens_per_s") and results["stages"][-1].get("tokens_per_s"):
@@ -287,8 +329,12 @@ def _lora_arms(args: Any, work: Path, config: Path, run_a: Path, run_b: Path, re
 
     # A exports merged (the default); its gate may refuse: a few steps' update is small against
     # bf16's resolution, which the run then reports. B exports the adapter (exact), gated too.
-    a = Stage("train A (uninterrupted, merged bf16 export + gate)", _cli("train", config, f"out_dir={run_a}"), work,
-              work / "train-a.log")
+    a = Stage(
+        "train A (uninterrupted, merged bf16 export + gate)",
+        _cli("train", config, f"out_dir={run_a}"),
+        work,
+        work / "train-a.log",
+    )
     stages.append(a.wait(out_dir=run_a))
     gate_refused = "export gate failed" in (stages[-1].get("refused") or "")
     if stages[-1]["rc"] != 0 and not gate_refused:
@@ -297,34 +343,69 @@ def _lora_arms(args: Any, work: Path, config: Path, run_a: Path, run_b: Path, re
     merged = run_a / "hf"
     if gate_refused:  # the same merge, written without the gate, to measure its export and reload
         merged = run_a / "merged-ungated"
-        m = Stage("t2tune export of A's last checkpoint (merged bf16, no gate)",
-                  _cli("export", RunFolder(run_a).step(args.steps).path, "--out", merged), work, work / "export.log")
+        m = Stage(
+            "t2tune export of A's last checkpoint (merged bf16, no gate)",
+            _cli("export", RunFolder(run_a).step(args.steps).path, "--out", merged),
+            work,
+            work / "export.log",
+        )
         stages.append(m.wait(printed=True))
 
     adapter = ["export.merge=false"]
-    b = Stage("train B, killed in its last step", _cli("train", config, f"out_dir={run_b}", *adapter), work,
-              work / "train-b.log")
+    b = Stage(
+        "train B, killed in its last step",
+        _cli("train", config, f"out_dir={run_b}", *adapter),
+        work,
+        work / "train-b.log",
+    )
     while not RunFolder(run_b).step(args.steps - 1).path.is_dir() and b.running():
         time.sleep(1)
     time.sleep(step_s / 3)  # a third of the way into the last step
     finished = RunFolder(run_b).step(args.steps).path.is_dir()
     b.kill()
     stages.append(b.wait(killed_after_step=args.steps - 1, last_step_already_written=finished))
-    r = Stage("train B resumed (adapter export + gate)", _cli("train", config, f"out_dir={run_b}", *adapter), work,
-              work / "train-b-resume.log")
+    r = Stage(
+        "train B resumed (adapter export + gate)",
+        _cli("train", config, f"out_dir={run_b}", *adapter),
+        work,
+        work / "train-b-resume.log",
+    )
     stages.append(r.wait(out_dir=run_b))
     results["resume"] = _adapters_equal(*(RunFolder(run).step(args.steps).model for run in (run_a, run_b)))
     print(json.dumps({"resume": results["resume"]}), flush=True)
 
     export = run_b / "hf"  # the adapter: base model + LoRA, as a user evaluates it
     for mode in ("generate", "score"):
-        e = Stage(f"evaluate B's export ({mode}, 4 rows)", _cli("evaluate", export, "--task", "mnli", "--data", DATA,
-                                                               "--mode", mode,
-                                                     "--limit", 4, "--batch-size", 4, "--dtype", "bfloat16",
-                                                     "--compute-dtype", "float32"), work, work / f"evaluate-{mode}.log")
+        e = Stage(
+            f"evaluate B's export ({mode}, 4 rows)",
+            _cli(
+                "evaluate",
+                export,
+                "--task",
+                "mnli",
+                "--data",
+                DATA,
+                "--mode",
+                mode,
+                "--limit",
+                4,
+                "--batch-size",
+                4,
+                "--dtype",
+                "bfloat16",
+                "--compute-dtype",
+                "float32",
+            ),
+            work,
+            work / f"evaluate-{mode}.log",
+        )
         stages.append(e.wait(printed=True))
-    p = Stage("plain transformers reload of A's merged export", [sys.executable, "-c", RELOAD, str(merged)], work,
-              work / "reload.log")
+    p = Stage(
+        "plain transformers reload of A's merged export",
+        [sys.executable, "-c", RELOAD, str(merged)],
+        work,
+        work / "reload.log",
+    )
     stages.append(p.wait(printed=True))
 
 

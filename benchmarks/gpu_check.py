@@ -31,23 +31,38 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from t2tune.loss import LossModule  # noqa: E402
-from t2tune.packing import PackedRow  # noqa: E402
-from t2tune.training import Engine, make_optimizer, make_scheduler, train_step  # noqa: E402
+from t2tune.loss import LossModule
+from t2tune.packing import PackedRow
+from t2tune.training import Engine, make_optimizer, make_scheduler, train_step
 
 
 def train_cfg(**kw):
-    base = dict(steps=6, micro_batch_size=4, global_batch_size=4, lr=1e-4, betas=[0.9, 0.95], eps=1e-8,
-                weight_decay=0.0, warmup_steps=0, warmup_fraction=0.0, schedule="constant", min_lr_ratio=0.0,
-                grad_clip=1.0, precision="bf16", seed=0)
+    base = dict(
+        steps=6,
+        micro_batch_size=4,
+        global_batch_size=4,
+        lr=1e-4,
+        betas=[0.9, 0.95],
+        eps=1e-8,
+        weight_decay=0.0,
+        warmup_steps=0,
+        warmup_fraction=0.0,
+        schedule="constant",
+        min_lr_ratio=0.0,
+        grad_clip=1.0,
+        precision="bf16",
+        seed=0,
+    )
     base.update(kw)
     return SimpleNamespace(**base)
 
 
 def random_rows(n: int, seq_len: int, vocab: int, seed: int = 0) -> list[PackedRow]:
     rng = random.Random(seed)
-    return [PackedRow([rng.randrange(vocab) for _ in range(seq_len + 1)], list(range(seq_len)), [True] * seq_len)
-            for _ in range(n)]
+    return [
+        PackedRow([rng.randrange(vocab) for _ in range(seq_len + 1)], list(range(seq_len)), [True] * seq_len)
+        for _ in range(n)
+    ]
 
 
 def peak_bf16(device: torch.device, n: int) -> float:
@@ -60,7 +75,7 @@ def peak_bf16(device: torch.device, n: int) -> float:
     for _ in range(reps):
         a @ b
     _sync(device)
-    return 2 * n ** 3 * reps / (time.perf_counter() - start)
+    return 2 * n**3 * reps / (time.perf_counter() - start)
 
 
 def _sync(device: torch.device) -> None:
@@ -82,13 +97,13 @@ def run(model, cfg, rows, device, warm: int = 2) -> dict:
     start = time.perf_counter()
     size = cfg.global_batch_size
     for step in range(cfg.steps):
-        result = train_step(engine, rows[step * size:(step + 1) * size], cfg)
+        result = train_step(engine, rows[step * size : (step + 1) * size], cfg)
         _sync(device)
         times.append(time.perf_counter())
         losses.append(result.loss)
     tokens = cfg.global_batch_size * (len(rows[0].tokens) - 1) * (len(times) - warm)
     seconds = times[-1] - (times[warm - 1] if warm else start)
-    mem = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
+    mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     return {"tokens_per_s": tokens / seconds, "peak_mem_gib": mem, "losses": losses}
 
 
@@ -127,24 +142,48 @@ def engine_check(tiny: bool) -> list[str]:
 
     root = Path(__file__).resolve().parents[1]
     n = 2 if tiny else torch.cuda.device_count()
-    launcher = ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"] if tiny \
+    launcher = (
+        ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        if tiny
         else ["--config_file", str(root / "configs" / "accelerate" / "fsdp.yaml")]
+    )
     tmp = Path(tempfile.mkdtemp())
     (tmp / "data").mkdir()
     labels = ["entailment", "neutral", "contradiction"]
-    rows = "".join(json.dumps({"premise": f"Sentence number {i} about a cat.", "hypothesis": f"A claim {i % 7}.",
-                               "label": labels[i % 3]}) + "\n" for i in range(64))
+    rows = "".join(
+        json.dumps(
+            {"premise": f"Sentence number {i} about a cat.", "hypothesis": f"A claim {i % 7}.", "label": labels[i % 3]}
+        )
+        + "\n"
+        for i in range(64)
+    )
     for split in ("train", "validation"):
         (tmp / "data" / f"{split}.jsonl").write_text(rows)
     (tmp / "c.yaml").write_text("task: mnli\nmodel:\n  name: tiny-gptj\n")
-    args = ["train", str(tmp / "c.yaml"), f"data.train={tmp / 'data'}", f"data.validation={tmp / 'data'}",
-            "train.seq_len=128", "train.micro_batch_size=2", f"train.global_batch_size={2 * n}", "train.lr=1e-3",
-            "train.dropout=0.0", "checkpoint.every=2", "eval.every=2", "eval.limit=8", "eval.max_new_tokens=2"]
+    args = [
+        "train",
+        str(tmp / "c.yaml"),
+        f"data.train={tmp / 'data'}",
+        f"data.validation={tmp / 'data'}",
+        "train.seq_len=128",
+        "train.micro_batch_size=2",
+        f"train.global_batch_size={2 * n}",
+        "train.lr=1e-3",
+        "train.dropout=0.0",
+        "checkpoint.every=2",
+        "eval.every=2",
+        "eval.limit=8",
+        "eval.max_new_tokens=2",
+    ]
     env = {**os.environ, "PYTHONPATH": str(root / "src")}
 
     def run(launch: list[str], out: str, steps: int) -> list[dict]:
-        proc = subprocess.run([*launch, "-m", "t2tune", *args, f"out_dir={tmp / out}", f"train.steps={steps}"],
-                              capture_output=True, text=True, env=env)
+        proc = subprocess.run(
+            [*launch, "-m", "t2tune", *args, f"out_dir={tmp / out}", f"train.steps={steps}"],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
         if proc.returncode:
             raise RuntimeError(proc.stderr[-2000:])
         return [json.loads(line) for line in (tmp / out / "metrics.jsonl").read_text().splitlines()]
@@ -162,9 +201,11 @@ def engine_check(tiny: bool) -> list[str]:
     engine = (tmp / "many" / "checkpoints" / "step-4" / "engine").is_dir()
     name = "DDP on 2 CPU processes" if tiny else f"FSDP2 on {n} GPU(s)"
     worst = max(abs(x - y) for x, y in zip(*losses))
-    return [f"{name}: losses max |1 - {n} processes| {worst:.2e} over {len(losses[1])} steps (resumed at 2), "
-            f"validation at steps {evals}, engine/ checkpoint {'yes' if engine else 'no'}, "
-            f"export max |diff| {drift:.2e}{'  OK' if worst < 1e-3 and drift < 1e-3 else '  MISMATCH'}"]
+    return [
+        f"{name}: losses max |1 - {n} processes| {worst:.2e} over {len(losses[1])} steps (resumed at 2), "
+        f"validation at steps {evals}, engine/ checkpoint {'yes' if engine else 'no'}, "
+        f"export max |diff| {drift:.2e}{'  OK' if worst < 1e-3 and drift < 1e-3 else '  MISMATCH'}"
+    ]
 
 
 def main() -> None:
@@ -209,9 +250,17 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    smol = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                       num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
-                       tie_word_embeddings=True, rope_theta=100000.0)
+    smol = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+        rope_theta=100000.0,
+    )
     if args.tiny:
         smol.num_hidden_layers = 2
     with torch.device(device):
@@ -220,8 +269,15 @@ def main() -> None:
     micro = 2 if args.tiny else 64
     cfg = train_cfg(micro_batch_size=micro, global_batch_size=micro, precision="bf16")
     res = run(model, cfg, random_rows(micro * cfg.steps, seq, 49152), device)
-    table.append(("SmolLM2-135M shape, full, bf16 autocast", res["tokens_per_s"],
-                  6 * n_params * res["tokens_per_s"] / peak, res["peak_mem_gib"], float("nan")))
+    table.append(
+        (
+            "SmolLM2-135M shape, full, bf16 autocast",
+            res["tokens_per_s"],
+            6 * n_params * res["tokens_per_s"] / peak,
+            res["peak_mem_gib"],
+            float("nan"),
+        )
+    )
     model = None
     gc.collect()
 
@@ -233,13 +289,17 @@ def main() -> None:
         losses[where] = run(model, cfg, random_rows(8, 64, 50400, seed=1), torch.device(where), warm=1)["losses"]
     worst = max(abs(a - b) for a, b in zip(losses["cpu"], losses[device.type]))
 
-    print(f"\ndevice: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; "
-          f"bf16 matmul peak {peak / 1e12:.1f} TFLOP/s; date {time.strftime('%Y-%m-%d')}")
+    print(
+        f"\ndevice: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}; "
+        f"bf16 matmul peak {peak / 1e12:.1f} TFLOP/s; date {time.strftime('%Y-%m-%d')}"
+    )
     print(f"{'run':<44}{'tokens/s':>12}{'MFU':>8}{'peak GiB':>10}{'val ex/s':>10}")
     for name, tps, mfu, mem, rate in table:
         print(f"{name:<44}{tps:>12,.0f}{mfu:>8.1%}{mem:>10.1f}{rate:>10.1f}")
-    print(f"{'tiny-gptj fp32 losses, max |cpu - ' + device.type + '|':<44}{worst:>12.2e}"
-          f"{'  OK' if worst < 1e-4 else '  MISMATCH'}")
+    print(
+        f"{'tiny-gptj fp32 losses, max |cpu - ' + device.type + '|':<44}{worst:>12.2e}"
+        f"{'  OK' if worst < 1e-4 else '  MISMATCH'}"
+    )
     if args.tiny or device.type == "cuda":
         try:
             for line in engine_check(args.tiny):

@@ -21,10 +21,12 @@ def main() -> None:
     args = parser.parse_args()
     rows = [json.loads(line) for line in Path(args.source).read_text(encoding="utf-8").splitlines() if line]
     titles = list(dict.fromkeys(r["title"] for r in rows))  # source order
-    held = set(titles[-args.validation_articles:])
+    held = set(titles[-args.validation_articles :])
     out = Path(args.out_dir)
-    parts = {"train": [r for r in rows if r["title"] not in held],
-             "validation": [r for r in rows if r["title"] in held]}
+    parts = {
+        "train": [r for r in rows if r["title"] not in held],
+        "validation": [r for r in rows if r["title"] in held],
+    }
     texts = {name: "".join(json.dumps(r) + "\n" for r in part) for name, part in parts.items()}
     for name, text in texts.items():  # an existing file is left alone unless it is this very split
         path = out / f"{name}.jsonl"

@@ -17,8 +17,11 @@ from t2tune.models import load_model
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 MNLI_ROWS = [
-    {"premise": "A man is playing a guitar on stage.", "hypothesis": "A man is performing music.",
-     "label": "entailment"},
+    {
+        "premise": "A man is playing a guitar on stage.",
+        "hypothesis": "A man is performing music.",
+        "label": "entailment",
+    },
     {"premise": "Two dogs run through a field.", "hypothesis": "The dogs are asleep.", "label": "contradiction"},
     {"premise": "A woman reads a book in the park.", "hypothesis": "The woman is a teacher.", "label": "neutral"},
     {"premise": "Children are building a sandcastle.", "hypothesis": "Kids are at the beach.", "label": "neutral"},
@@ -57,11 +60,25 @@ def mnli_dir(tmp_path):
 
 
 def tiny_config(out_dir: Path, data: Path, **overrides) -> object:
-    values = {"task": "mnli", "out_dir": str(out_dir), "model.name": "tiny-gptj", "data.train": str(data),
-              "data.validation": str(data), "train.steps": 3, "train.seq_len": 64, "train.micro_batch_size": 2,
-              "train.global_batch_size": 4, "train.lr": 1e-3, "train.precision": "fp32",
-              "train.dropout": 0.0, "checkpoint.every": 1, "checkpoint.keep": 3, "eval.limit": 4,
-              "eval.max_new_tokens": 3, "eval.batch_size": 4}
+    values = {
+        "task": "mnli",
+        "out_dir": str(out_dir),
+        "model.name": "tiny-gptj",
+        "data.train": str(data),
+        "data.validation": str(data),
+        "train.steps": 3,
+        "train.seq_len": 64,
+        "train.micro_batch_size": 2,
+        "train.global_batch_size": 4,
+        "train.lr": 1e-3,
+        "train.precision": "fp32",
+        "train.dropout": 0.0,
+        "checkpoint.every": 1,
+        "checkpoint.keep": 3,
+        "eval.limit": 4,
+        "eval.max_new_tokens": 3,
+        "eval.batch_size": 4,
+    }
     values.update(overrides)
     return build_config(values)
 
@@ -80,13 +97,23 @@ def tiny_train_args(tmp_path: Path, copies: int) -> list[str]:
 
 # --- the real CLI in a subprocess (tests/test_safety.py, tests/test_hostile.py) ----------------
 
-TINY = ["train.steps=2", "train.seq_len=64", "train.micro_batch_size=2", "train.global_batch_size=2",
-        "train.threads=1", "checkpoint.every=1", "checkpoint.keep=3", "eval.limit=1", "eval.max_new_tokens=1"]
+TINY = [
+    "train.steps=2",
+    "train.seq_len=64",
+    "train.micro_batch_size=2",
+    "train.global_batch_size=2",
+    "train.threads=1",
+    "checkpoint.every=1",
+    "checkpoint.keep=3",
+    "eval.limit=1",
+    "eval.max_new_tokens=1",
+]
 
 
 def t2tune(*args, timeout=300, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "t2tune", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "t2tune", *map(str, args)], capture_output=True, text=True, timeout=timeout, **kw
+    )
 
 
 def error_line(proc, *needles, only=True) -> str:
@@ -106,8 +133,11 @@ def error_line(proc, *needles, only=True) -> str:
 
 def snapshot(folder: Path) -> dict[str, bytes]:
     """Every file below ``folder`` (the lock file, which only holds a PID, left out)."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != ".t2tune.lock"}
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != ".t2tune.lock"
+    }
 
 
 def user_folder(path: Path) -> Path:

@@ -12,10 +12,12 @@ from t2tune import validation
 from t2tune.api import Trainer
 from t2tune.averaging import WeightAverage, decay_at
 from t2tune.checkpoint import read_average
-from t2tune.runfolder import RunFolder
 from t2tune.data import load_examples
 from t2tune.models import load_model
+from t2tune.runfolder import RunFolder
 from t2tune.tasks import get_task
+
+pytestmark = pytest.mark.slow  # trains tiny models end to end
 
 DECAY = 0.5  # large steps of the average, so that it is far from the raw weights after 3 steps
 
@@ -23,8 +25,15 @@ DECAY = 0.5  # large steps of the average, so that it is far from the raw weight
 def _train(cfg, data, loaded=None):
     loaded = loaded or load_model(cfg.model)
     task = get_task(cfg.task)
-    trainer = Trainer(cfg, loaded.model, load_examples(task, str(data), "train"),
-                      load_examples(task, str(data), "validation"), cfg.eval, loaded.tokenizer, task=task)
+    trainer = Trainer(
+        cfg,
+        loaded.model,
+        load_examples(task, str(data), "train"),
+        load_examples(task, str(data), "validation"),
+        cfg.eval,
+        loaded.tokenizer,
+        task=task,
+    )
     trainer.train()
     return trainer
 
@@ -71,8 +80,12 @@ def test_validation_measures_the_average(tmp_path, mnli_dir, monkeypatch):
         return real(model, *args, **kwargs)
 
     monkeypatch.setattr(validation, "evaluate", spy)
-    trainer = _train(tiny_config(tmp_path / "run", mnli_dir, **{"train.ema": DECAY, "train.steps": 2,
-                                                                 "eval.every": 1, "export.from": "last"}), mnli_dir)
+    trainer = _train(
+        tiny_config(
+            tmp_path / "run", mnli_dir, **{"train.ema": DECAY, "train.steps": 2, "eval.every": 1, "export.from": "last"}
+        ),
+        mnli_dir,
+    )
     averages = read_average(RunFolder(tmp_path / "run").step(2))
     assert len(seen) == 2
     for name, value in averages.items():

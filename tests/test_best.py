@@ -7,9 +7,11 @@ import torch
 from conftest import tiny_config
 from safetensors.torch import load_file
 
-from t2tune.runfolder import RunFolder
 from t2tune.errors import ConfigError
 from t2tune.recipe import train
+from t2tune.runfolder import RunFolder
+
+pytestmark = pytest.mark.slow  # trains tiny models end to end
 
 
 def scripted(*accuracies):
@@ -27,8 +29,9 @@ def _same(a, b):
 
 
 def test_best_survives_rotation_and_is_exported(tmp_path, mnli_dir):
-    cfg = tiny_config(tmp_path / "run", mnli_dir, **{"train.steps": 4, "eval.every": 1, "checkpoint.every": 1,
-                                                      "checkpoint.keep": 1})
+    cfg = tiny_config(
+        tmp_path / "run", mnli_dir, **{"train.steps": 4, "eval.every": 1, "checkpoint.every": 1, "checkpoint.keep": 1}
+    )
     result = train(cfg, metric=scripted(0.5, 0.9, 0.6, 0.7))
     folder = RunFolder(tmp_path / "run")
     assert [n for n, _ in folder.checkpoints()] == [2, 4]  # the newest, and the best
@@ -44,8 +47,7 @@ def test_best_survives_rotation_and_is_exported(tmp_path, mnli_dir):
 def test_resume_keeps_the_best(tmp_path, mnli_dir):
     values = {"eval.every": 1, "checkpoint.every": 1, "checkpoint.keep": 1}
     train(tiny_config(tmp_path / "run", mnli_dir, **{"train.steps": 3}, **values), metric=scripted(0.5, 0.9, 0.6))
-    result = train(tiny_config(tmp_path / "run", mnli_dir, **{"train.steps": 5}, **values),
-                   metric=scripted(0.7, 0.8))
+    result = train(tiny_config(tmp_path / "run", mnli_dir, **{"train.steps": 5}, **values), metric=scripted(0.7, 0.8))
     folder = RunFolder(tmp_path / "run")
     assert result.state.optimizer_step == 5 and result.state.best["step"] == 2 and result.state.stale == 3
     assert [n for n, _ in folder.checkpoints()] == [2, 5]
@@ -53,8 +55,9 @@ def test_resume_keeps_the_best(tmp_path, mnli_dir):
 
 
 def test_early_stopping_stops_after_patience(tmp_path, mnli_dir):
-    cfg = tiny_config(tmp_path / "run", mnli_dir, **{"train.steps": 10, "eval.every": 1, "eval.patience": 2,
-                                                      "checkpoint.every": 0})
+    cfg = tiny_config(
+        tmp_path / "run", mnli_dir, **{"train.steps": 10, "eval.every": 1, "eval.patience": 2, "checkpoint.every": 0}
+    )
     result = train(cfg, metric=scripted(0.5, 0.6, 0.6, 0.55, 0.9, 0.9))
     assert result.stopped == "patience" and result.state.optimizer_step == 4  # a tie is no improvement
     folder = RunFolder(tmp_path / "run")
@@ -63,8 +66,11 @@ def test_early_stopping_stops_after_patience(tmp_path, mnli_dir):
 
 
 def test_export_from_last_and_a_lower_is_better_metric(tmp_path, mnli_dir):
-    cfg = tiny_config(tmp_path / "run", mnli_dir, **{"train.steps": 3, "eval.every": 1, "eval.metric": "invalid",
-                                                      "export.from": "last"})
+    cfg = tiny_config(
+        tmp_path / "run",
+        mnli_dir,
+        **{"train.steps": 3, "eval.every": 1, "eval.metric": "invalid", "export.from": "last"},
+    )
     invalid = iter([3, 1, 2])
     result = train(cfg, metric=lambda p, r: {"accuracy": 0.0, "invalid": next(invalid)})
     assert result.state.best["step"] == 2  # invalid: fewer is better
@@ -73,6 +79,9 @@ def test_export_from_last_and_a_lower_is_better_metric(tmp_path, mnli_dir):
 
 
 def test_unknown_eval_metric_is_one_line(tmp_path, mnli_dir):
-    with pytest.raises(ConfigError, match=r"eval.metric: 'f1' is not reported by this run's validation "
-                                          r"\(mnli in generate mode\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"eval.metric: 'f1' is not reported by this run's validation "
+        r"\(mnli in generate mode\)",
+    ):
         train(tiny_config(tmp_path / "run", mnli_dir, **{"eval.metric": "f1"}))

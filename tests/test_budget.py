@@ -30,8 +30,11 @@ def test_auto_steps_needs_a_budget():
 
 
 def test_warmup_is_given_one_way():
-    with pytest.raises(ConfigError, match="train.warmup_steps: 5 with train.steps: auto, whose warmup is "
-                                          "train.warmup_fraction of the budget; set one of them"):
+    with pytest.raises(
+        ConfigError,
+        match="train.warmup_steps: 5 with train.steps: auto, whose warmup is "
+        "train.warmup_fraction of the budget; set one of them",
+    ):
         load_config(None, ["train.steps=auto", "train.max_minutes=1", "train.warmup_steps=5"])
     with pytest.raises(ConfigError, match="train.warmup_steps: 5 with train.warmup_fraction: 0.1; set one"):
         load_config(None, ["train.steps=50", "train.warmup_steps=5", "train.warmup_fraction=0.1"])
@@ -58,9 +61,17 @@ def _check_ends_at_budget(events, budget_s, lr, warmup=0.0):
 def test_budgeted_run_stops_within_one_step_of_the_budget(tmp_path, mnli_dir):
     from t2tune import recipe
 
-    cfg = tiny_config(tmp_path / "run", mnli_dir, **{"train.steps": "auto", "train.max_minutes": 0.03,
-                                                     "train.schedule": "linear", "train.warmup_fraction": 0.2,
-                                                     "checkpoint.every": 0})
+    cfg = tiny_config(
+        tmp_path / "run",
+        mnli_dir,
+        **{
+            "train.steps": "auto",
+            "train.max_minutes": 0.03,
+            "train.schedule": "linear",
+            "train.warmup_fraction": 0.2,
+            "checkpoint.every": 0,
+        },
+    )
     result = recipe.train(cfg)
     assert result.stopped == "max_minutes" and result.export is not None
     train = _check_ends_at_budget(_events(tmp_path / "run"), 1.8, cfg.train.lr, warmup=0.2)
@@ -71,10 +82,23 @@ def test_budgeted_run_stops_within_one_step_of_the_budget(tmp_path, mnli_dir):
 @pytest.mark.slow
 def test_killed_budgeted_run_resumes_the_same_budget(tmp_path):
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "t2tune", *tiny_train_args(tmp_path, copies=4), f"out_dir={out}",
-           "train.steps=auto", "train.max_minutes=0.05", "train.schedule=linear", "train.seq_len=64",
-           "train.micro_batch_size=2", "train.global_batch_size=4", "train.threads=1", "checkpoint.every=2",
-           "eval.limit=1", "eval.max_new_tokens=1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "t2tune",
+        *tiny_train_args(tmp_path, copies=4),
+        f"out_dir={out}",
+        "train.steps=auto",
+        "train.max_minutes=0.05",
+        "train.schedule=linear",
+        "train.seq_len=64",
+        "train.micro_batch_size=2",
+        "train.global_batch_size=4",
+        "train.threads=1",
+        "checkpoint.every=2",
+        "eval.limit=1",
+        "eval.max_new_tokens=1",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not (out / "checkpoints" / "step-4").is_dir() and time.time() < deadline and proc.poll() is None:

@@ -23,15 +23,21 @@ def test_all_problems_reported_at_once(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config(path, ["eval.batch_size=many"])
     msg = str(err.value)
-    for key in ("train.stepz: unknown key", "train.lr: expected float", "foo: unknown key",
-                "eval.batch_size: expected int", "train.packing: must be one of"):
+    for key in (
+        "train.stepz: unknown key",
+        "train.lr: expected float",
+        "foo: unknown key",
+        "eval.batch_size: expected int",
+        "train.packing: must be one of",
+    ):
         assert key in msg, msg
 
 
 def test_value_checks():
     with pytest.raises(ConfigError) as err:
-        load_config(None, ["train.steps=0", "train.global_batch_size=6", "train.micro_batch_size=4",
-                           "train.packing=zip"])
+        load_config(
+            None, ["train.steps=0", "train.global_batch_size=6", "train.micro_batch_size=4", "train.packing=zip"]
+        )
     msg = str(err.value)
     assert "train.steps: must be > 0" in msg
     assert "train.global_batch_size: 6 is not a multiple" in msg
@@ -61,30 +67,81 @@ def test_the_derived_tables_keep_every_key_as_declared_before():
     from t2tune.config import CHOICES, RANGES, RESUME_SAFE
 
     assert CHOICES == {
-        "model.dtype": {"float32", "bfloat16", "float16"}, "model.compute_dtype": {"float32"},
-        "train.schedule": {"constant", "linear", "cosine"}, "train.precision": {"fp32", "bf16"},
-        "eval.precision": {"fp32", "bf16", "bf16-checked"}, "eval.entity_parsing": {"lenient", "strict"},
-        "train.loss_on": {"all", "target"}, "train.packing": {"concat", "isolated", "none"},
-        "train.method": {"full", "lora", "qlora"}, "eval.mode": {"generate", "score"},
-        "checkpoint.format": {"auto", "hf", "accelerate"}, "export.from": {"best", "last"},
-        "mix.rule": {"proportional", "temperature", "weights"}}
+        "model.dtype": {"float32", "bfloat16", "float16"},
+        "model.compute_dtype": {"float32"},
+        "train.schedule": {"constant", "linear", "cosine"},
+        "train.precision": {"fp32", "bf16"},
+        "eval.precision": {"fp32", "bf16", "bf16-checked"},
+        "eval.entity_parsing": {"lenient", "strict"},
+        "train.loss_on": {"all", "target"},
+        "train.packing": {"concat", "isolated", "none"},
+        "train.method": {"full", "lora", "qlora"},
+        "eval.mode": {"generate", "score"},
+        "checkpoint.format": {"auto", "hf", "accelerate"},
+        "export.from": {"best", "last"},
+        "mix.rule": {"proportional", "temperature", "weights"},
+    }
     pos, nonneg, fraction, prob = "> 0", ">= 0", "in [0, 1]", "in [0, 1)"
     assert RANGES == {
-        "train.steps": pos, "train.seq_len": pos, "train.micro_batch_size": pos, "train.global_batch_size": pos,
-        "train.lr": pos, "train.eps": pos, "train.weight_decay": nonneg, "train.warmup_steps": nonneg,
-        "train.min_lr_ratio": fraction, "train.warmup_fraction": prob, "train.dropout": prob,
-        "train.grad_clip": pos, "train.seed": "in [0, 2**32)", "train.ema": prob,
-        "train.log_every": pos, "train.threads": pos, "train.max_minutes": pos,
-        "lora.r": pos, "lora.alpha": pos, "lora.dropout": prob, "checkpoint.every": nonneg, "checkpoint.keep": pos,
-        "eval.every": nonneg, "eval.max_new_tokens": pos, "eval.batch_size": pos, "eval.seq_len": pos,
-        "eval.limit": pos, "eval.patience": nonneg, "train.peak_tflops": pos, "mix.cap": pos,
-        "mix.temperature": pos}
+        "train.steps": pos,
+        "train.seq_len": pos,
+        "train.micro_batch_size": pos,
+        "train.global_batch_size": pos,
+        "train.lr": pos,
+        "train.eps": pos,
+        "train.weight_decay": nonneg,
+        "train.warmup_steps": nonneg,
+        "train.min_lr_ratio": fraction,
+        "train.warmup_fraction": prob,
+        "train.dropout": prob,
+        "train.grad_clip": pos,
+        "train.seed": "in [0, 2**32)",
+        "train.ema": prob,
+        "train.log_every": pos,
+        "train.threads": pos,
+        "train.max_minutes": pos,
+        "lora.r": pos,
+        "lora.alpha": pos,
+        "lora.dropout": prob,
+        "checkpoint.every": nonneg,
+        "checkpoint.keep": pos,
+        "eval.every": nonneg,
+        "eval.max_new_tokens": pos,
+        "eval.batch_size": pos,
+        "eval.seq_len": pos,
+        "eval.limit": pos,
+        "eval.patience": nonneg,
+        "train.peak_tflops": pos,
+        "mix.cap": pos,
+        "mix.temperature": pos,
+    }
     assert RESUME_SAFE == {
-        "out_dir", "train.steps", "checkpoint.every", "checkpoint.keep", "eval.every", "eval.limit",
-        "eval.batch_size", "eval.max_new_tokens", "eval.seq_len", "eval.mode", "eval.precision",
-        "eval.entity_parsing", "train.log_every", "train.threads", "train.max_minutes", "data.validation",
-        "data.validation_split", "eval.patience", "export.from", "export.gate", "export.merge", "log.to",
-        "train.peak_tflops", "train.packing_check", "train.compile"}
+        "out_dir",
+        "train.steps",
+        "checkpoint.every",
+        "checkpoint.keep",
+        "eval.every",
+        "eval.limit",
+        "eval.batch_size",
+        "eval.max_new_tokens",
+        "eval.seq_len",
+        "eval.mode",
+        "eval.precision",
+        "eval.entity_parsing",
+        "train.log_every",
+        "train.threads",
+        "train.max_minutes",
+        "data.validation",
+        "data.validation_split",
+        "eval.patience",
+        "export.from",
+        "export.gate",
+        "export.merge",
+        "log.to",
+        "train.peak_tflops",
+        "train.packing_check",
+        "train.compile",
+    }
 
 
 def test_every_key_is_documented_and_the_readme_table_is_the_declared_one():

@@ -18,15 +18,44 @@ pytestmark = pytest.mark.slow
 
 def _run(tmp_path, out, processes, steps, *extra):
     # on a machine without GPUs, --multi_gpu starts CPU processes (gloo); --cpu would start only one
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"] if processes > 1 else \
-        [sys.executable]
-    cmd = launch + ["-m", "t2tune", *tiny_train_args(tmp_path, copies=4), f"out_dir={out}",
-                    f"train.steps={steps}", "train.seq_len=64", "train.micro_batch_size=2", "train.global_batch_size=8", "train.lr=1e-3", "train.dropout=0.0", "train.threads=1",
-                    "checkpoint.every=2", "eval.limit=2", "eval.max_new_tokens=2", *extra]
+    launch = (
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            str(processes),
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+        ]
+        if processes > 1
+        else [sys.executable]
+    )
+    cmd = launch + [
+        "-m",
+        "t2tune",
+        *tiny_train_args(tmp_path, copies=4),
+        f"out_dir={out}",
+        f"train.steps={steps}",
+        "train.seq_len=64",
+        "train.micro_batch_size=2",
+        "train.global_batch_size=8",
+        "train.lr=1e-3",
+        "train.dropout=0.0",
+        "train.threads=1",
+        "checkpoint.every=2",
+        "eval.limit=2",
+        "eval.max_new_tokens=2",
+        *extra,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def _losses(events):
@@ -65,13 +94,25 @@ def test_engine_checkpoints_resume_under_two_processes(tmp_path):
 
 
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
-DDP = [*LAUNCH, "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-       "--dynamo_backend", "no"]
+DDP = [
+    *LAUNCH,
+    "--multi_gpu",
+    "--num_processes",
+    "2",
+    "--num_machines",
+    "1",
+    "--mixed_precision",
+    "no",
+    "--dynamo_backend",
+    "no",
+]
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
 
 
-@pytest.mark.parametrize("model,mode", [("tiny-gptj", "generate"), ("tiny-gptj", "score"),
-                                        ("smollm2-135m", "generate"), ("smollm2-135m", "score")])
+@pytest.mark.parametrize(
+    "model,mode",
+    [("tiny-gptj", "generate"), ("tiny-gptj", "score"), ("smollm2-135m", "generate"), ("smollm2-135m", "score")],
+)
 def test_evaluate_splits_rows_over_processes_with_identical_records(tmp_path, model, mode):
     """5 rows in batches of 2: three batches over two processes, so one process also runs a
     padding batch. The prediction file is byte-identical to one process's."""
@@ -81,10 +122,32 @@ def test_evaluate_splits_rows_over_processes_with_identical_records(tmp_path, mo
     outputs = []
     for launch in ([sys.executable], DDP):
         out = tmp_path / f"p{len(outputs)}.jsonl"
-        proc = subprocess.run([*launch, "-m", "t2tune", "evaluate", model, "--task", "mnli", "--data",
-                               str(tmp_path / "v.jsonl"), "--batch-size", "2", "--mode", mode, "--max-new-tokens", "3",
-                               "--threads", "1",  # same kernels, so the same float sums, on both sides
-                               "--out", str(out)], capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [
+                *launch,
+                "-m",
+                "t2tune",
+                "evaluate",
+                model,
+                "--task",
+                "mnli",
+                "--data",
+                str(tmp_path / "v.jsonl"),
+                "--batch-size",
+                "2",
+                "--mode",
+                mode,
+                "--max-new-tokens",
+                "3",
+                "--threads",
+                "1",  # same kernels, so the same float sums, on both sides
+                "--out",
+                str(out),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         outputs.append((out.read_bytes(), json.loads(proc.stdout.strip().splitlines()[-1])))
     (one, one_summary), (two, two_summary) = outputs
@@ -95,9 +158,22 @@ def test_evaluate_splits_rows_over_processes_with_identical_records(tmp_path, mo
 
 def test_fsdp_without_gpus_is_refused_not_run_twice(tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.run([*LAUNCH, "--config_file", str(CONFIGS / "fsdp.yaml"), "--num_processes", "2", "-m",
-                           "t2tune", *tiny_train_args(tmp_path, copies=2), f"out_dir={out}"],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            *LAUNCH,
+            "--config_file",
+            str(CONFIGS / "fsdp.yaml"),
+            "--num_processes",
+            "2",
+            "-m",
+            "t2tune",
+            *tiny_train_args(tmp_path, copies=2),
+            f"out_dir={out}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0
     # one line from each process (they may interleave on the shared stderr)
     assert proc.stderr.count("t2tune: error: accelerate launch asked for FSDP but MULTI_CPU started") == 2
@@ -118,15 +194,39 @@ def _close(a: dict, b: dict, tol: float) -> None:
         assert (a[key] - b[key]).abs().max().item() <= tol, key
 
 
-DS_ARGS = ["train.seq_len=128", "train.micro_batch_size=2", "train.global_batch_size=8", "train.lr=1e-3",
-           "train.dropout=0.0", "train.threads=1", "train.warmup_steps=2", "train.schedule=linear",
-           "checkpoint.every=2", "eval.every=2", "eval.limit=3", "eval.batch_size=2", "eval.max_new_tokens=2"]
+DS_ARGS = [
+    "train.seq_len=128",
+    "train.micro_batch_size=2",
+    "train.global_batch_size=8",
+    "train.lr=1e-3",
+    "train.dropout=0.0",
+    "train.threads=1",
+    "train.warmup_steps=2",
+    "train.schedule=linear",
+    "checkpoint.every=2",
+    "eval.every=2",
+    "eval.limit=3",
+    "eval.batch_size=2",
+    "eval.max_new_tokens=2",
+]
 
 
 def _ds_run(tmp_path, out, stage, steps, *extra, kill_at=None):
     config = CONFIGS / f"deepspeed-zero{stage}.yaml"
-    cmd = [*LAUNCH, "--config_file", str(config), "--num_processes", "2", "-m", "t2tune",
-           *tiny_train_args(tmp_path, copies=4), f"out_dir={out}", f"train.steps={steps}", *DS_ARGS, *extra]
+    cmd = [
+        *LAUNCH,
+        "--config_file",
+        str(config),
+        "--num_processes",
+        "2",
+        "-m",
+        "t2tune",
+        *tiny_train_args(tmp_path, copies=4),
+        f"out_dir={out}",
+        f"train.steps={steps}",
+        *DS_ARGS,
+        *extra,
+    ]
     if kill_at is None:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -203,8 +303,16 @@ def test_lora_under_deepspeed_zero3(tmp_path):
 
 
 def _run_plain(tmp_path, out, steps, *extra):
-    cmd = [sys.executable, "-m", "t2tune", *tiny_train_args(tmp_path, copies=4), f"out_dir={out}",
-           f"train.steps={steps}", *DS_ARGS, *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "t2tune",
+        *tiny_train_args(tmp_path, copies=4),
+        f"out_dir={out}",
+        f"train.steps={steps}",
+        *DS_ARGS,
+        *extra,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -17,12 +17,17 @@ def _plain_generate(loaded, prompts, max_new_tokens=5, batch_size=4):
     tok.padding_side = "left"
     out = []
     for s in range(0, len(prompts), batch_size):
-        enc = tok(prompts[s:s + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = tok(prompts[s : s + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
         with torch.no_grad():
-            gen = loaded.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        for row in gen[:, enc["input_ids"].shape[1]:].tolist():
-            out.append(tok.decode(row[:row.index(tok.eos_token_id) + 1] if tok.eos_token_id in row else row))
+            gen = loaded.model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+            )
+        for row in gen[:, enc["input_ids"].shape[1] :].tolist():
+            out.append(tok.decode(row[: row.index(tok.eos_token_id) + 1] if tok.eos_token_id in row else row))
     return out
 
 
@@ -32,6 +37,7 @@ def _mnli_rows(n):
     return rows
 
 
+@pytest.mark.slow  # the real SmolLM2-135M
 @pytest.mark.parametrize("which", ["tiny", "smollm"])
 def test_generate_mode_matches_plain_generate(which, request):
     loaded = request.getfixturevalue(which)
@@ -67,6 +73,7 @@ def test_score_mode_equals_separate_forward_passes(tiny):
     assert result.metrics["invalid"] == 0
 
 
+@pytest.mark.slow  # the real SmolLM2-135M
 @pytest.mark.parametrize("mode", ["generate", "score"])
 def test_bf16_checked_redoes_close_calls_in_fp32(smollm, mode, monkeypatch):
     """With every call counted as close, bf16-checked is fp32 row for row; with none, it is bf16."""
@@ -76,8 +83,9 @@ def test_bf16_checked_redoes_close_calls_in_fp32(smollm, mode, monkeypatch):
     field = "generated" if mode == "generate" else "scores"
 
     def run(precision):
-        result = evaluate(smollm.model, smollm.tokenizer, task, rows, mode=mode, max_new_tokens=4, batch_size=4,
-                          precision=precision)
+        result = evaluate(
+            smollm.model, smollm.tokenizer, task, rows, mode=mode, max_new_tokens=4, batch_size=4, precision=precision
+        )
         return [r[field] for r in result.records], result.metrics.get("rechecked_fp32")
 
     fp32, none = run("fp32")
@@ -111,8 +119,11 @@ def test_summary_fields(tiny):
 
 def test_label_metrics_worked_example():
     task = get_task("rte")
-    m = label_metrics(task, ["entailment", INVALID, "not_entailment", "entailment"],
-                      ["entailment", "entailment", "not_entailment", "not_entailment"])
+    m = label_metrics(
+        task,
+        ["entailment", INVALID, "not_entailment", "entailment"],
+        ["entailment", "entailment", "not_entailment", "not_entailment"],
+    )
     assert m["accuracy"] == 0.5 and m["invalid"] == 1
     assert m["confusion"] == {"labels": ["entailment", "not_entailment", None], "matrix": [[1, 0, 1], [1, 1, 0]]}
     assert m["per_class"]["entailment"] == {"precision": 0.5, "recall": 0.5, "support": 2}
@@ -129,8 +140,10 @@ def test_squad_metrics_worked_examples():
 
 
 def test_entity_metrics_worked_example():
-    m = entity_metrics(["PER: John Smith; LOC: Paris", "ORG: Paris", "garbage text", "none"],
-                       ["PER: John Smith; LOC: Paris", "LOC: Paris", "PER: Ann", "none"])
+    m = entity_metrics(
+        ["PER: John Smith; LOC: Paris", "ORG: Paris", "garbage text", "none"],
+        ["PER: John Smith; LOC: Paris", "LOC: Paris", "PER: Ann", "none"],
+    )
     # predicted 3 (2 right), gold 4 entities, one malformed generation
     assert m["malformed"] == 1
     assert m["precision"] == pytest.approx(2 / 3) and m["recall"] == pytest.approx(2 / 4)
@@ -139,5 +152,6 @@ def test_entity_metrics_worked_example():
 
 def test_score_mode_refuses_free_text(tiny):
     from t2tune.errors import ConfigError
+
     with pytest.raises(ConfigError, match="score mode needs a label task"):
         evaluate(tiny.model, tiny.tokenizer, get_task("squad"), [], mode="score")

@@ -8,11 +8,11 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from t2tune import export
 from t2tune.checkpoint import save_hf
-from t2tune.runfolder import RunFolder
 from t2tune.errors import ConfigError, UserError
 from t2tune.guards import gate_export, last_token_logits, packing_drift
 from t2tune.packing import pack
 from t2tune.recipe import train
+from t2tune.runfolder import RunFolder
 from t2tune.tasks import get_task
 from t2tune.tokenize import encode_for_training
 
@@ -39,12 +39,16 @@ def test_packing_drift_is_tiny_for_real_attention_and_large_for_a_leak(tiny):
 
 def test_a_leaking_attention_stops_an_isolated_run(tmp_path, mnli_dir):
     values = {"train.packing": "isolated", "model.attn_implementation": "ignores_restarts"}
-    with pytest.raises(ConfigError, match="leaks across examples with attention implementation 'ignores_restarts'"
-                                          ".*model.attn_implementation=sdpa.*train.packing=none"):
+    with pytest.raises(
+        ConfigError,
+        match="leaks across examples with attention implementation 'ignores_restarts'"
+        ".*model.attn_implementation=sdpa.*train.packing=none",
+    ):
         train(tiny_config(tmp_path / "leak", mnli_dir, **values))
     assert not RunFolder(tmp_path / "leak").checkpoints()
-    skipped = train(tiny_config(tmp_path / "skip", mnli_dir, **values, **{"train.packing_check": False,
-                                                                           "train.steps": 1}))
+    skipped = train(
+        tiny_config(tmp_path / "skip", mnli_dir, **values, **{"train.packing_check": False, "train.steps": 1})
+    )
     assert skipped.state.optimizer_step == 1
 
 
@@ -79,7 +83,10 @@ def test_a_failed_gate_writes_no_export_and_keeps_the_checkpoints(tmp_path, mnli
 
 
 def test_gate_compares_a_lora_merge(tmp_path, mnli_dir):
-    result = train(tiny_config(tmp_path / "lora", mnli_dir, **{"train.method": "lora", "train.steps": 2,
-                                                                "lora.r": 4, "train.lr": 1e-2}))
+    result = train(
+        tiny_config(
+            tmp_path / "lora", mnli_dir, **{"train.method": "lora", "train.steps": 2, "lora.r": 4, "train.lr": 1e-2}
+        )
+    )
     card = (result.export / "README.md").read_text()
     assert "export gate passed" in card and "float32" in card

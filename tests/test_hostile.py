@@ -60,6 +60,7 @@ def inside(capsys):
         out = capsys.readouterr()
         assert time.perf_counter() - start < BOUND
         return subprocess.CompletedProcess(args, code, out.out, out.err)
+
     return call
 
 
@@ -83,13 +84,15 @@ def predictions(path: Path) -> list[dict]:
 
 # --- wrong results with exit 0 -------------------------------------------------------------
 
+
 def test_a_label_named_invalid_is_no_sentinel(tmp_path):
     """A random model answers nothing valid: accuracy 0 and every row invalid, even where the
     gold label is the word 'invalid' (it used to score 1.0)."""
     task = task_file(tmp_path, ["invalid", "valid"])
     data = write_jsonl(tmp_path / "v.jsonl", [{"premise": f"p {i}", "label": "invalid"} for i in range(4)])
-    proc = bounded("evaluate", "tiny-gptj", "--task", task, "--data", data, "--max-new-tokens", "2",
-                   "--out", tmp_path / "p.jsonl")
+    proc = bounded(
+        "evaluate", "tiny-gptj", "--task", task, "--data", data, "--max-new-tokens", "2", "--out", tmp_path / "p.jsonl"
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads(proc.stdout.splitlines()[-1])
     assert summary["accuracy"] == 0.0 and summary["invalid"] == 4
@@ -101,21 +104,44 @@ def test_digit_label_words_are_words_first(tmp_path):
     labels ["1", "2"] (Winogrande) are accepted as words."""
     rows = [{"premise": "a", "label": "1"}, {"premise": "b", "label": 1}, {"premise": "c", "label": " 0 "}]
     data = write_jsonl(tmp_path / "v.jsonl", rows)
-    proc = bounded("evaluate", "tiny-gptj", "--task", task_file(tmp_path, ["1", "0"]), "--data", data,
-                   "--mode", "score", "--out", tmp_path / "p.jsonl")
+    proc = bounded(
+        "evaluate",
+        "tiny-gptj",
+        "--task",
+        task_file(tmp_path, ["1", "0"]),
+        "--data",
+        data,
+        "--mode",
+        "score",
+        "--out",
+        tmp_path / "p.jsonl",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert [r["label"] for r in predictions(tmp_path / "p.jsonl")] == ["1", "1", "0"]
     data = write_jsonl(tmp_path / "w.jsonl", [{"premise": "a", "label": "2"}, {"premise": "b", "label": 1}])
-    proc = bounded("evaluate", "tiny-gptj", "--task", task_file(tmp_path, ["1", "2"], "w"), "--data", data,
-                   "--mode", "score", "--out", tmp_path / "q.jsonl")
+    proc = bounded(
+        "evaluate",
+        "tiny-gptj",
+        "--task",
+        task_file(tmp_path, ["1", "2"], "w"),
+        "--data",
+        data,
+        "--mode",
+        "score",
+        "--out",
+        tmp_path / "q.jsonl",
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert [r["label"] for r in predictions(tmp_path / "q.jsonl")] == ["2", "1"]
 
 
-@pytest.mark.parametrize("flags,expect", [
-    (["--max-new-tokens", "16", "--seq-len", "16"], "--max-new-tokens): 16 generated tokens leave no room"),
-    (["--mode", "score", "--seq-len", "4"], "score mode puts all 3 labels"),
-])
+@pytest.mark.parametrize(
+    "flags,expect",
+    [
+        (["--max-new-tokens", "16", "--seq-len", "16"], "--max-new-tokens): 16 generated tokens leave no room"),
+        (["--mode", "score", "--seq-len", "4"], "score mode puts all 3 labels"),
+    ],
+)
 def test_prompts_are_never_cut_to_nothing(tmp_path, inside, flags, expect):
     data = write_jsonl(tmp_path / "v.jsonl", MNLI_ROWS)
     call = bounded if flags[0] == "--mode" else inside
@@ -124,8 +150,7 @@ def test_prompts_are_never_cut_to_nothing(tmp_path, inside, flags, expect):
 
 def test_cut_prompts_are_counted(tmp_path, inside):
     data = write_jsonl(tmp_path / "v.jsonl", MNLI_ROWS)
-    proc = inside("evaluate", "tiny-gptj", "--task", "mnli", "--data", data, "--seq-len", "12",
-                   "--max-new-tokens", "2")
+    proc = inside("evaluate", "tiny-gptj", "--task", "mnli", "--data", data, "--seq-len", "12", "--max-new-tokens", "2")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout.splitlines()[-1])["prompts_cut"] == len(MNLI_ROWS)
     assert "6 of 6 prompts were longer than the 10 tokens" in proc.stderr
@@ -141,15 +166,29 @@ def test_train_refuses_a_validation_that_cannot_fit_before_training(tmp_path):
 def test_thousands_of_labels_in_score_mode_are_bounded(tmp_path):
     task = task_file(tmp_path, [f"label{i}" for i in range(10_000)])
     data = write_jsonl(tmp_path / "v.jsonl", [{"premise": "a", "label": "label7"}])
-    error_line(bounded("evaluate", "tiny-gptj", "--task", task, "--data", data, "--mode", "score",
-                       "--seq-len", "100000"), "score mode with 10000 labels", "GiB per prompt", "generate mode")
+    error_line(
+        bounded("evaluate", "tiny-gptj", "--task", task, "--data", data, "--mode", "score", "--seq-len", "100000"),
+        "score mode with 10000 labels",
+        "GiB per prompt",
+        "generate mode",
+    )
 
 
 # --- writes outside the run, or over a user's file -----------------------------------------
 
-@pytest.mark.parametrize("planted,alone", [(".t2tune.lock", True), ("plots", True), (".t2tune", False),
-                                           ("metrics.jsonl", False), ("trackers", False),
-                                           ("checkpoints/step-2", False), ("plots/confusion.png", False)])
+
+@pytest.mark.parametrize(
+    "planted,alone",
+    [
+        (".t2tune.lock", True),
+        ("plots", True),
+        (".t2tune", False),
+        ("metrics.jsonl", False),
+        ("trackers", False),
+        ("checkpoints/step-2", False),
+        ("plots/confusion.png", False),
+    ],
+)
 def test_links_inside_a_run_folder_are_never_followed(trained, tmp_path, inside, planted, alone):
     run, args = copy_run(trained, tmp_path)
     target = victim(tmp_path)
@@ -182,8 +221,15 @@ def test_a_marker_listing_outside_files_is_not_ours(trained, tmp_path):
 @pytest.mark.parametrize("name", ["../x", "/abs/x", ".hidden"])
 def test_mixture_task_names_are_plain(tmp_path, inside, name):
     config = tmp_path / "mix.yaml"
-    config.write_text(yaml.safe_dump({"model": {"name": "tiny-gptj"}, "out_dir": str(tmp_path / "o"),
-                                      "tasks": {name: {"task": "mnli", "train": str(tmp_path)}, "rte": {}}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"name": "tiny-gptj"},
+                "out_dir": str(tmp_path / "o"),
+                "tasks": {name: {"task": "mnli", "train": str(tmp_path)}, "rte": {}},
+            }
+        )
+    )
     before = digests(tmp_path)
     error_line((bounded if name == "../x" else inside)("train", config), f"tasks.{name}", "plain name")
     assert digests(tmp_path) == before and not (tmp_path / "o").exists()
@@ -191,21 +237,26 @@ def test_mixture_task_names_are_plain(tmp_path, inside, name):
 
 # --- processes that cannot be stopped ------------------------------------------------------
 
-@pytest.mark.parametrize("field,value,expect,alone", [
-    ("row_in_epoch", -1, "'row_in_epoch' is negative", True),
-    ("row_in_epoch", 10**6, "data position 1000000", False),
-    ("optimizer_step", 7, "not this folder's step 2", False),
-    ("train_seconds", -5.0, "'train_seconds' is not a finite number", False),
-    ("best", {"step": 9, "accuracy": 1.0}, "'best' names step 9", False),
-])
+
+@pytest.mark.parametrize(
+    "field,value,expect,alone",
+    [
+        ("row_in_epoch", -1, "'row_in_epoch' is negative", True),
+        ("row_in_epoch", 10**6, "data position 1000000", False),
+        ("optimizer_step", 7, "not this folder's step 2", False),
+        ("train_seconds", -5.0, "'train_seconds' is not a finite number", False),
+        ("best", {"step": 9, "accuracy": 1.0}, "'best' names step 9", False),
+    ],
+)
 def test_tampered_state_is_refused_at_once(trained, tmp_path, inside, field, value, expect, alone):
     run, args = copy_run(trained, tmp_path)
     state_file = run / "checkpoints" / "step-2" / "state.json"
     state_file.write_text(json.dumps({**json.loads(state_file.read_text()), field: value}))
     before = digests(run)
     error_line((bounded if alone else inside)(*args, "train.steps=4"), "step-2", expect, only=False)
-    assert {k: v for k, v in digests(run).items() if not k.endswith(".lock")} == \
-        {k: v for k, v in before.items() if not k.endswith(".lock")}
+    assert {k: v for k, v in digests(run).items() if not k.endswith(".lock")} == {
+        k: v for k, v in before.items() if not k.endswith(".lock")
+    }
 
 
 def _wait_for(predicate, proc, seconds=BOUND):
@@ -218,8 +269,11 @@ def test_sigterm_before_the_loop_ends_the_run(tmp_path):
     """SIGTERM while the run starts (imports, data, model): exit 130 within seconds, no traceback,
     nothing half-written."""
     out = tmp_path / "o"
-    proc = subprocess.Popen([sys.executable, "-m", "t2tune", *tiny_train_args(tmp_path, copies=2), f"out_dir={out}",
-                             *TINY], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "t2tune", *tiny_train_args(tmp_path, copies=2), f"out_dir={out}", *TINY],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     _wait_for(lambda: (out / ".t2tune").exists(), proc)  # the folder is claimed: the model loads next
     sent = time.perf_counter()
     proc.send_signal(signal.SIGTERM)
@@ -240,10 +294,27 @@ def test_sigterm_during_validation_stops_within_seconds(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("task: mnli\nmodel:\n  name: tiny-gptj\n")
     out = tmp_path / "o"
-    proc = subprocess.Popen([sys.executable, "-m", "t2tune", "train", str(config), f"data.train={data}",
-                             f"data.validation={data}", f"out_dir={out}", *TINY, "train.steps=5", "eval.every=1",
-                             "eval.limit=6000", "eval.max_new_tokens=8", "eval.batch_size=4", "checkpoint.every=0"],
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "t2tune",
+            "train",
+            str(config),
+            f"data.train={data}",
+            f"data.validation={data}",
+            f"out_dir={out}",
+            *TINY,
+            "train.steps=5",
+            "eval.every=1",
+            "eval.limit=6000",
+            "eval.max_new_tokens=8",
+            "eval.batch_size=4",
+            "checkpoint.every=0",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     metrics = out / "metrics.jsonl"
     _wait_for(lambda: metrics.is_file() and '"event": "train"' in metrics.read_text(), proc)
     time.sleep(1.0)  # inside the validation after step 1
@@ -259,24 +330,35 @@ def test_sigterm_during_validation_stops_within_seconds(tmp_path):
 
 # --- tracebacks instead of one line ----------------------------------------------------------
 
-@pytest.mark.parametrize("line,expect,alone", [
-    ('{"premise": "p", "hypothesis": "h", "label": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply",
-     True),
-    ('{"premise": "p", "hypothesis": "h", "label": ' + "7" * 5000 + "}", "malformed JSON", False),
-    ('{"premise": "p", "hypothesis": "h", "label": "\u00b2"}', "unknown label", False),
-    ('{"premise": "p", "hypothesis": "h", "label": true}', "is a boolean", False),
-])
+
+@pytest.mark.parametrize(
+    "line,expect,alone",
+    [
+        (
+            '{"premise": "p", "hypothesis": "h", "label": ' + "[" * 100_000 + "]" * 100_000 + "}",
+            "nested too deeply",
+            True,
+        ),
+        ('{"premise": "p", "hypothesis": "h", "label": ' + "7" * 5000 + "}", "malformed JSON", False),
+        ('{"premise": "p", "hypothesis": "h", "label": "\u00b2"}', "unknown label", False),
+        ('{"premise": "p", "hypothesis": "h", "label": true}', "is a boolean", False),
+    ],
+)
 def test_hostile_data_lines(tmp_path, inside, line, expect, alone):
     data = tmp_path / "v.jsonl"
     data.write_text(json.dumps(MNLI_ROWS[0]) + "\n" + line + "\n")
-    error_line((bounded if alone else inside)("evaluate", "tiny-gptj", "--task", "mnli", "--data", data),
-               f"{data}:2:", expect)
+    error_line(
+        (bounded if alone else inside)("evaluate", "tiny-gptj", "--task", "mnli", "--data", data), f"{data}:2:", expect
+    )
 
 
-@pytest.mark.parametrize("override,expect", [
-    ("train.seed=4294967296", "train.seed: must be in [0, 2**32)"),
-    ("tasks=[a, b]", "tasks: expected a mapping"),
-])
+@pytest.mark.parametrize(
+    "override,expect",
+    [
+        ("train.seed=4294967296", "train.seed: must be in [0, 2**32)"),
+        ("tasks=[a, b]", "tasks: expected a mapping"),
+    ],
+)
 def test_hostile_config_values(tmp_path, inside, override, expect):
     call = bounded if override.startswith("train.seed") else inside
     error_line(call(*tiny_train_args(tmp_path, copies=1), f"out_dir={tmp_path / 'o'}", override), expect)
@@ -312,8 +394,11 @@ def test_output_paths_that_cannot_be_written(tmp_path, inside, kind):
     data = write_jsonl(tmp_path / "v.jsonl", MNLI_ROWS[:2])
     blocker = tmp_path / "a-file"
     blocker.write_text("mine")
-    flags = {"out-under-a-file": ["--out", blocker / "p.jsonl"], "plots-is-a-file": ["--plots", blocker],
-             "unwritable": ["--out", "/proc/t2tune-predictions.jsonl"]}[kind]
+    flags = {
+        "out-under-a-file": ["--out", blocker / "p.jsonl"],
+        "plots-is-a-file": ["--plots", blocker],
+        "unwritable": ["--out", "/proc/t2tune-predictions.jsonl"],
+    }[kind]
     before = digests(tmp_path)
     expect = {"out-under-a-file": "is a file", "plots-is-a-file": "is not a folder", "unwritable": "/proc"}[kind]
     call = bounded if kind == "unwritable" else inside

@@ -12,8 +12,10 @@ from t2tune.metrics import entity_metrics
 from t2tune.tasks import get_task, read_entities
 from t2tune.tokenize import answer_ids, generation_length
 
-SQUAD_ROWS = [{"question": "Who?", "context": "Ann met Bob in Paris.", "answers": ["Ann"]},
-              {"question": "Where?", "context": "Ann met Bob in Paris.", "answers": ["in the city of Paris"]}]
+SQUAD_ROWS = [
+    {"question": "Who?", "context": "Ann met Bob in Paris.", "answers": ["Ann"]},
+    {"question": "Where?", "context": "Ann met Bob in Paris.", "answers": ["in the city of Paris"]},
+]
 
 
 def test_auto_length_of_a_label_task_is_the_longest_label(tiny):
@@ -37,8 +39,9 @@ def test_auto_length_of_free_text_comes_from_training_targets(tiny):
 
 def test_auto_length_without_answers_asks_for_a_number(tiny):
     with pytest.raises(ConfigError, match=r"give a number \(--max-new-tokens N\)"):
-        evaluate(tiny.model, tiny.tokenizer, get_task("squad"), [{"question": "Who?", "context": "Ann."}],
-                 with_metrics=False)
+        evaluate(
+            tiny.model, tiny.tokenizer, get_task("squad"), [{"question": "Who?", "context": "Ann."}], with_metrics=False
+        )
 
 
 def test_truncated_generations_are_counted_and_warned_once(tiny, capsys):
@@ -71,15 +74,45 @@ def test_cli_auto_length_and_policy_flags(tmp_path, capsys):
 
     rows = [{"tokens": ["EU", "rejects", "German", "call"], "ner_tags": ["B-ORG", "O", "B-MISC", "O"]}]
     (tmp_path / "ner.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    code = main(["evaluate", "tiny-gptj", "--task", "conll2003", "--data", str(tmp_path / "ner.jsonl"),
-                 "--entity-parsing", "strict"])
+    code = main(
+        [
+            "evaluate",
+            "tiny-gptj",
+            "--task",
+            "conll2003",
+            "--data",
+            str(tmp_path / "ner.jsonl"),
+            "--entity-parsing",
+            "strict",
+        ]
+    )
     out, err = capsys.readouterr()
     summary = json.loads(out.strip().splitlines()[-1])
     assert code == 0 and summary["max_new_tokens"] > 0 and "truncated" in summary
-    code = main(["predict", "tiny-gptj", "--task", "conll2003", "--input", str(tmp_path / "ner.jsonl"),
-                 "--out", str(tmp_path / "p.jsonl")])
+    code = main(
+        [
+            "predict",
+            "tiny-gptj",
+            "--task",
+            "conll2003",
+            "--input",
+            str(tmp_path / "ner.jsonl"),
+            "--out",
+            str(tmp_path / "p.jsonl"),
+        ]
+    )
     assert code == 0  # labelled input rows: auto measures their entities
     (tmp_path / "bare.jsonl").write_text(json.dumps({"tokens": ["EU", "rejects"]}) + "\n")
-    code = main(["predict", "tiny-gptj", "--task", "conll2003", "--input", str(tmp_path / "bare.jsonl"),
-                 "--out", str(tmp_path / "q.jsonl")])
+    code = main(
+        [
+            "predict",
+            "tiny-gptj",
+            "--task",
+            "conll2003",
+            "--input",
+            str(tmp_path / "bare.jsonl"),
+            "--out",
+            str(tmp_path / "q.jsonl"),
+        ]
+    )
     assert code == 2 and "give a number (--max-new-tokens N)" in capsys.readouterr().err

@@ -59,7 +59,7 @@ def test_which_steps_log_validate_checkpoint():
     assert _steps(run, "checkpoint") == [3, 6]
     assert run.state.tokens_seen == 70
     # within a step: log, then validate, then checkpoint
-    assert run.calls[run.calls.index(("log", 6)):][:3] == [("log", 6), ("validate", 6), ("checkpoint", 6)]
+    assert run.calls[run.calls.index(("log", 6)) :][:3] == [("log", 6), ("validate", 6), ("checkpoint", 6)]
 
 
 def test_zero_means_only_after_the_loop():

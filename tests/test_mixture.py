@@ -6,15 +6,19 @@ import pytest
 import torch
 from conftest import MNLI_ROWS, write_jsonl
 
-from t2tune.runfolder import RunFolder
 from t2tune.config import build_config
 from t2tune.errors import ConfigError, UserError
 from t2tune.mixture import epoch_counts, epoch_mix, epoch_size, mixing_rates
 from t2tune.recipe import train
+from t2tune.runfolder import RunFolder
 
-SST2_ROWS = [{"sentence": "a gorgeous, witty film", "label": "positive"},
-             {"sentence": "dull and lifeless", "label": "negative"},
-             {"sentence": "one of the year's best", "label": "positive"}]
+pytestmark = pytest.mark.slow  # trains tiny models end to end
+
+SST2_ROWS = [
+    {"sentence": "a gorgeous, witty film", "label": "positive"},
+    {"sentence": "dull and lifeless", "label": "negative"},
+    {"sentence": "one of the year's best", "label": "positive"},
+]
 
 
 def test_rates_follow_t5s_rule_cap_and_temperature():
@@ -24,7 +28,7 @@ def test_rates_follow_t5s_rule_cap_and_temperature():
     capped = mixing_rates(sizes, cap=10_000)  # min(n, K): 10000, 2490, 10000
     assert capped == pytest.approx({"mnli": 10000 / 22490, "rte": 2490 / 22490, "sst2": 10000 / 22490})
     hot = mixing_rates(sizes, "temperature", cap=10_000, temperature=2)  # sqrt: 100, 49.9, 100
-    assert hot["rte"] == pytest.approx(2490 ** 0.5 / (2 * 100 + 2490 ** 0.5))
+    assert hot["rte"] == pytest.approx(2490**0.5 / (2 * 100 + 2490**0.5))
     assert mixing_rates(sizes, "temperature", temperature=1) == pytest.approx(plain)
     assert mixing_rates(sizes, "weights", weights={"mnli": 2, "rte": 1, "sst2": 1})["mnli"] == 0.5
     size = epoch_size(sizes, cap=10_000)
@@ -53,11 +57,26 @@ def glue2(tmp_path):
 
 
 def _mixed(out, data, **overrides):
-    values = {"out_dir": str(out), "model.name": "tiny-gptj", "tasks.mnli.train": str(data / "mnli"),
-              "tasks.sst2.train": str(data / "sst2"), "mix.rule": "temperature", "mix.temperature": 2.0,
-              "train.steps": 4, "train.seq_len": 64, "train.micro_batch_size": 2, "train.global_batch_size": 4,
-              "train.lr": 1e-3, "train.dropout": 0.0, "train.packing": "isolated", "checkpoint.every": 2,
-              "eval.every": 2, "eval.max_new_tokens": 3, "eval.batch_size": 4, "export.from": "last"}
+    values = {
+        "out_dir": str(out),
+        "model.name": "tiny-gptj",
+        "tasks.mnli.train": str(data / "mnli"),
+        "tasks.sst2.train": str(data / "sst2"),
+        "mix.rule": "temperature",
+        "mix.temperature": 2.0,
+        "train.steps": 4,
+        "train.seq_len": 64,
+        "train.micro_batch_size": 2,
+        "train.global_batch_size": 4,
+        "train.lr": 1e-3,
+        "train.dropout": 0.0,
+        "train.packing": "isolated",
+        "checkpoint.every": 2,
+        "eval.every": 2,
+        "eval.max_new_tokens": 3,
+        "eval.batch_size": 4,
+        "export.from": "last",
+    }
     values.update(overrides)
     return build_config(values)
 

@@ -34,8 +34,11 @@ def test_concat_target_only():
 
 def test_isolated_rows():
     assert rows_of("isolated", 9, "all") == [
-        ([1, 2, 3, 4, 9, 5, 6, 9, 0, 0], [0, 1, 2, 3, 4, 0, 1, 2, 0],
-         [True, True, True, True, False, True, True, False, False]),
+        (
+            [1, 2, 3, 4, 9, 5, 6, 9, 0, 0],
+            [0, 1, 2, 3, 4, 0, 1, 2, 0],
+            [True, True, True, True, False, True, True, False, False],
+        ),
     ]
     assert rows_of("isolated", 9, "target")[0][2] == [False, False, True, True, False, False, True, False, False]
 
@@ -49,7 +52,10 @@ def test_none_mode_and_collate_pads_right():
     rows = pack([A, B], "none", 8, "target", pad_id=0)
     batch = collate(rows, pad_id=0)
     assert batch["input_ids"].tolist() == [[1, 2, 3, 4], [5, 6, 0, 0]]
-    assert batch["labels"].tolist() == [[IGNORE_INDEX, IGNORE_INDEX, 4, 9], [IGNORE_INDEX, 9, IGNORE_INDEX, IGNORE_INDEX]]
+    assert batch["labels"].tolist() == [
+        [IGNORE_INDEX, IGNORE_INDEX, 4, 9],
+        [IGNORE_INDEX, 9, IGNORE_INDEX, IGNORE_INDEX],
+    ]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3], [0, 1, 2, 3]]
 
 

@@ -9,13 +9,13 @@ import torch
 from conftest import MNLI_ROWS, tiny_config
 
 from t2tune import speed
-from t2tune.runfolder import RunFolder
 from t2tune.config import ModelConfig
 from t2tune.errors import UserError
 from t2tune.evaluation import evaluate
 from t2tune.models import load_model
 from t2tune.recipe import train
 from t2tune.report import plot_reliability
+from t2tune.runfolder import RunFolder
 from t2tune.speed import Peak, machine, matmul_parameters, model_flops, peak_tflops
 from t2tune.tasks import get_task
 
@@ -36,8 +36,9 @@ def test_tensorboard_holds_the_losses_and_the_eval_accuracy(tmp_path, mnli_dir):
     losses = [e["loss"] for e in events if e["event"] == "train"]
     assert [round(s.value, 5) for s in reader.Scalars("train/loss")] == [round(x, 5) for x in losses]
     assert [s.step for s in reader.Scalars("eval/accuracy")] == [2, 3]
-    assert [s.value for s in reader.Scalars("eval/accuracy")] == \
-        pytest.approx([e["accuracy"] for e in events if e["event"] == "eval"])
+    assert [s.value for s in reader.Scalars("eval/accuracy")] == pytest.approx(
+        [e["accuracy"] for e in events if e["event"] == "eval"]
+    )
     assert "eval/confusion" in reader.Tags()["images"]
 
 
@@ -52,8 +53,9 @@ def test_a_missing_tracker_package_is_one_line(tmp_path, mnli_dir, monkeypatch):
 
 
 def test_speed_figures_in_metrics_jsonl(tmp_path, mnli_dir):
-    cfg = tiny_config(tmp_path / "run", mnli_dir, **{"train.steps": 2, "train.packing": "isolated",
-                                                      "train.peak_tflops": 0.5})
+    cfg = tiny_config(
+        tmp_path / "run", mnli_dir, **{"train.steps": 2, "train.packing": "isolated", "train.peak_tflops": 0.5}
+    )
     train(cfg)
     events = _events(tmp_path / "run")
     start, end = events[0], events[-1]

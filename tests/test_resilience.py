@@ -19,9 +19,24 @@ STEPS = 10
 
 
 def _command(tmp_path: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "t2tune", *tiny_train_args(tmp_path, copies=6), f"out_dir={out}",
-            f"train.steps={STEPS}", "train.seq_len=64", "train.micro_batch_size=2", "train.global_batch_size=4", "train.lr=1e-3", "train.dropout=0.1", "train.threads=1",
-            "checkpoint.every=1", "checkpoint.keep=2", "eval.limit=2", "eval.max_new_tokens=2"]
+    return [
+        sys.executable,
+        "-m",
+        "t2tune",
+        *tiny_train_args(tmp_path, copies=6),
+        f"out_dir={out}",
+        f"train.steps={STEPS}",
+        "train.seq_len=64",
+        "train.micro_batch_size=2",
+        "train.global_batch_size=4",
+        "train.lr=1e-3",
+        "train.dropout=0.1",
+        "train.threads=1",
+        "checkpoint.every=1",
+        "checkpoint.keep=2",
+        "eval.limit=2",
+        "eval.max_new_tokens=2",
+    ]
 
 
 def _weights(out: Path) -> dict[str, torch.Tensor]:
@@ -66,8 +81,10 @@ def test_kill_9_then_resume_matches_uninterrupted(tmp_path, reference, trial):
         def ready():
             return (ckpts / f"step-{target}").is_dir() and time.sleep(rng.random() * 0.05) is None
     else:
+
         def ready():
             return ckpts.is_dir() and any(p.name.startswith(".step-") for p in ckpts.iterdir())
+
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     killed = _kill_when(proc, ready)
     assert killed, "the run finished before it could be killed"
@@ -75,8 +92,11 @@ def test_kill_9_then_resume_matches_uninterrupted(tmp_path, reference, trial):
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     _assert_same(_weights(out), reference)
-    steps = [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()
-             if json.loads(l)["event"] == "train"]
+    steps = [
+        json.loads(line)["step"]
+        for line in (out / "metrics.jsonl").read_text().splitlines()
+        if json.loads(line)["event"] == "train"
+    ]
     assert steps == list(range(1, STEPS + 1))
     assert len(list(ckpts.glob("step-*"))) == 2 and not list(ckpts.glob(".step-*"))
 
@@ -91,7 +111,7 @@ def test_sigterm_writes_checkpoint_and_exits(tmp_path, reference):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "checkpoint written" in err
-    events = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    events = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     stopped = [e for e in events if e["event"] == "stopped"]
     assert stopped and (out / "checkpoints" / f"step-{stopped[0]['step']}").is_dir()
     assert subprocess.run(cmd, capture_output=True).returncode == 0

@@ -28,6 +28,7 @@ from conftest import (
 pytestmark = pytest.mark.slow
 # --- data loss -----------------------------------------------------------------------------
 
+
 def test_export_refuses_a_folder_it_did_not_write(trained, tmp_path):
     run, _ = trained
     dest = user_folder(tmp_path / "mine")
@@ -54,15 +55,18 @@ def test_export_replaces_its_own_export_but_not_added_files(trained, tmp_path):
     assert t2tune("export", run / "checkpoints" / "step-2", "--out", out, preexec_fn=umask).returncode == 0
     proc = t2tune("export", run / "checkpoints" / "step-1", "--out", out, preexec_fn=umask)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    got, want = load_file(out / "model.safetensors"), load_file(run / "checkpoints" / "step-1" / "model" /
-                                                                "model.safetensors")
+    got, want = (
+        load_file(out / "model.safetensors"),
+        load_file(run / "checkpoints" / "step-1" / "model" / "model.safetensors"),
+    )
     assert all((got[k] == want[k]).all() for k in want)
     assert oct(out.stat().st_mode & 0o777) == "0o755" and oct((out / "config.json").stat().st_mode & 0o777) == "0o644"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".export")]  # no temporary or old copies
     (out / "notes.txt").write_text("added by hand")
     before = snapshot(out)
-    error_line(t2tune("export", run / "checkpoints" / "step-2", "--out", out), "files t2tune did not write",
-               "notes.txt")
+    error_line(
+        t2tune("export", run / "checkpoints" / "step-2", "--out", out), "files t2tune did not write", "notes.txt"
+    )
     assert snapshot(out) == before
 
 
@@ -70,8 +74,20 @@ def test_evaluate_writes_over_only_its_own_predictions_and_plots(trained, tmp_pa
     run, _ = trained
     write_jsonl(tmp_path / "v.jsonl", MNLI_ROWS[:2])
     preds, plots = tmp_path / "p.jsonl", tmp_path / "plots"
-    evaluate = ["evaluate", run / "hf", "--task", "mnli", "--data", tmp_path / "v.jsonl", "--mode", "score",
-                "--out", preds, "--plots", plots]
+    evaluate = [
+        "evaluate",
+        run / "hf",
+        "--task",
+        "mnli",
+        "--data",
+        tmp_path / "v.jsonl",
+        "--mode",
+        "score",
+        "--out",
+        preds,
+        "--plots",
+        plots,
+    ]
     preds.write_text('{"id": 1, "label": "mine"}\n')
     error_line(t2tune(*evaluate), "--out:", "not a file t2tune wrote")
     assert preds.read_text() == '{"id": 1, "label": "mine"}\n'
@@ -103,8 +119,11 @@ def test_train_refuses_a_foreign_folder_and_overwrite_moves_it_aside(tmp_path):
 def test_one_run_per_folder_and_kill_9_releases_the_lock(tmp_path):
     out = tmp_path / "out"
     args = [*tiny_train_args(tmp_path, copies=2), f"out_dir={out}", *TINY]
-    first = subprocess.Popen([sys.executable, "-m", "t2tune", *args, "train.steps=100000"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(
+        [sys.executable, "-m", "t2tune", *args, "train.steps=100000"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.time() + 120
         while not (out / "checkpoints" / "step-1").is_dir() and time.time() < deadline:
@@ -128,23 +147,36 @@ def test_run_folder_without_its_config_refuses_to_resume(trained, tmp_path):
 
 # --- values that can only produce garbage ------------------------------------------------
 
-@pytest.mark.parametrize("override,expect", [
-    ("train.lr=nan", "train.lr: must be a finite number"),
-    ("train.lr=1e999", "train.lr: must be a finite number"),
-    ("train.eps=.inf", "train.eps: must be a finite number"),
-    ("train.betas=[0.9, .nan]", "train.betas: must be a finite number"),
-    ("train.grad_clip=-1", "train.grad_clip: must be > 0"),
-    ("train.min_lr_ratio=1.5", "train.min_lr_ratio: must be in [0, 1]"),
-    ("train.max_minutes=-inf", "train.max_minutes: must be a finite number"),
-    ("train.lr=0", "train.lr: must be > 0"),
-])
+
+@pytest.mark.parametrize(
+    "override,expect",
+    [
+        ("train.lr=nan", "train.lr: must be a finite number"),
+        ("train.lr=1e999", "train.lr: must be a finite number"),
+        ("train.eps=.inf", "train.eps: must be a finite number"),
+        ("train.betas=[0.9, .nan]", "train.betas: must be a finite number"),
+        ("train.grad_clip=-1", "train.grad_clip: must be > 0"),
+        ("train.min_lr_ratio=1.5", "train.min_lr_ratio: must be in [0, 1]"),
+        ("train.max_minutes=-inf", "train.max_minutes: must be a finite number"),
+        ("train.lr=0", "train.lr: must be > 0"),
+    ],
+)
 def test_out_of_range_config_values(tmp_path, override, expect):
     error_line(t2tune(*tiny_train_args(tmp_path, copies=1), f"out_dir={tmp_path / 'o'}", override), expect)
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("flag,value", [("--limit", "0"), ("--seq-len", "-1"), ("--batch-size", "0"),
-                                        ("--max-new-tokens", "0"), ("--threads", "0"), ("--limit", "many")])
+@pytest.mark.parametrize(
+    "flag,value",
+    [
+        ("--limit", "0"),
+        ("--seq-len", "-1"),
+        ("--batch-size", "0"),
+        ("--max-new-tokens", "0"),
+        ("--threads", "0"),
+        ("--limit", "many"),
+    ],
+)
 def test_out_of_range_evaluate_flags(tmp_path, flag, value):
     write_jsonl(tmp_path / "v.jsonl", MNLI_ROWS)
     error_line(t2tune("evaluate", "tiny-gptj", "--task", "mnli", "--data", tmp_path / "v.jsonl", flag, value), flag)
@@ -162,26 +194,34 @@ def test_diverging_loss_stops_keeps_checkpoint_exports_nothing(tmp_path):
 
 # --- user mistakes: one line, exit 2 --------------------------------------------------------
 
-@pytest.mark.parametrize("spec,expect", [
-    ({"prompt": "x {} target:"}, "'prompt': placeholder {} must be a plain column name"),
-    ({"prompt": "{premise:>10} target:"}, "may not have a format spec"),
-    ({"prompt": "{premise.__class__} target:"}, "placeholder {premise.__class__} must be a plain column name"),
-    ({"prompt": "{premise[0]} target:"}, "placeholder {premise[0]} must be a plain column name"),
-    ({"prompt": "{premise target:"}, "'prompt': "),
-    ({"prompt": "{premise} target:", "target": 5}, "'target' must be a string"),
-    ({"prompt": "{premise} target:", "labels": [1, 2]}, "'labels' must be a list of at least two non-empty strings"),
-    ({"prompt": "{premise} target:", "labels": ["a", "b"], "aliases": {"x": 1}}, "'aliases' must map"),
-    ({"prompt": "{premise} target:", "labels": ["a", "b"], "metric": ["accuracy"]}, "'metric' must be"),
-    ({"prompt": "{premise} {label} target:", "labels": ["a", "b"]}, "{label}, which is the target"),
-    ({"prompt": "{premise} target:", "labels": ["a", "b", "a"]}, "'a' is given twice"),
-])
+
+@pytest.mark.parametrize(
+    "spec,expect",
+    [
+        ({"prompt": "x {} target:"}, "'prompt': placeholder {} must be a plain column name"),
+        ({"prompt": "{premise:>10} target:"}, "may not have a format spec"),
+        ({"prompt": "{premise.__class__} target:"}, "placeholder {premise.__class__} must be a plain column name"),
+        ({"prompt": "{premise[0]} target:"}, "placeholder {premise[0]} must be a plain column name"),
+        ({"prompt": "{premise target:"}, "'prompt': "),
+        ({"prompt": "{premise} target:", "target": 5}, "'target' must be a string"),
+        (
+            {"prompt": "{premise} target:", "labels": [1, 2]},
+            "'labels' must be a list of at least two non-empty strings",
+        ),
+        ({"prompt": "{premise} target:", "labels": ["a", "b"], "aliases": {"x": 1}}, "'aliases' must map"),
+        ({"prompt": "{premise} target:", "labels": ["a", "b"], "metric": ["accuracy"]}, "'metric' must be"),
+        ({"prompt": "{premise} {label} target:", "labels": ["a", "b"]}, "{label}, which is the target"),
+        ({"prompt": "{premise} target:", "labels": ["a", "b", "a"]}, "'a' is given twice"),
+    ],
+)
 def test_custom_task_templates_checked_at_load(tmp_path, spec, expect):
     import yaml
 
     task = tmp_path / "task.yaml"
     task.write_text(yaml.safe_dump({"name": "t", **spec}))
-    error_line(t2tune(*tiny_train_args(tmp_path, copies=1), f"task={task}", f"out_dir={tmp_path / 'o'}"),
-               str(task), expect)
+    error_line(
+        t2tune(*tiny_train_args(tmp_path, copies=1), f"task={task}", f"out_dir={tmp_path / 'o'}"), str(task), expect
+    )
     assert not (tmp_path / "o").exists()
 
 
@@ -190,13 +230,16 @@ class Evil:
         return (os.system, (f"touch {Path(os.environ.get('EVIL_MARK', '/tmp/evil'))}",))
 
 
-@pytest.mark.parametrize("victim,content,expect", [
-    ("config.yaml", "- a\n- b\n", "broken config.yaml"),
-    ("checkpoints/step-2/state.json", "[1, 2]", "state.json holds a list"),
-    ("checkpoints/step-2/state.json", '{"optimizer_step": "two"}', "'optimizer_step' has the wrong type"),
-    ("checkpoints/step-2/optimizer.pt", "evil", "corrupt or incomplete checkpoint"),
-    ("checkpoints/step-2/rng.pt", "evil", "corrupt or incomplete checkpoint"),
-])
+@pytest.mark.parametrize(
+    "victim,content,expect",
+    [
+        ("config.yaml", "- a\n- b\n", "broken config.yaml"),
+        ("checkpoints/step-2/state.json", "[1, 2]", "state.json holds a list"),
+        ("checkpoints/step-2/state.json", '{"optimizer_step": "two"}', "'optimizer_step' has the wrong type"),
+        ("checkpoints/step-2/optimizer.pt", "evil", "corrupt or incomplete checkpoint"),
+        ("checkpoints/step-2/rng.pt", "evil", "corrupt or incomplete checkpoint"),
+    ],
+)
 def test_run_files_of_the_wrong_shape(trained, tmp_path, victim, content, expect):
     run, args = copy_run(trained, tmp_path)
     mark = tmp_path / "evil-ran"
@@ -255,23 +298,35 @@ def test_huge_row_is_refused_streaming(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("task: mnli\nmodel:\n  name: tiny-gptj\n")
     # VmHWM is this process's own peak (ru_maxrss would carry pytest's across exec)
-    code = ("import re, sys\nfrom t2tune.cli import main\ncode = main(sys.argv[1:])\n"
-            "print(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))\nsys.exit(code)")
-    proc = subprocess.run([sys.executable, "-c", code, "train", str(config), f"data.train={data}",
-                           f"out_dir={tmp_path / 'o'}"], capture_output=True, text=True, timeout=300)
+    code = (
+        "import re, sys\nfrom t2tune.cli import main\ncode = main(sys.argv[1:])\n"
+        "print(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))\nsys.exit(code)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "train", str(config), f"data.train={data}", f"out_dir={tmp_path / 'o'}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     error_line(proc, "train.jsonl:2: line longer than 4 MiB")
     assert int(proc.stdout.split()[-1]) < 1_500_000  # KiB: the 50 MB line was never held whole
 
 
 def test_disk_full_while_checkpointing_keeps_the_previous_one(tmp_path):
     out = tmp_path / "out"
-    code = ("import errno, sys, torch\nreal, calls = torch.save, [0]\n"
-            "def save(obj, f, *a, **k):\n    calls[0] += 1\n"
-            "    if calls[0] > 2:\n        raise OSError(errno.ENOSPC, 'No space left on device')\n"
-            "    return real(obj, f, *a, **k)\n"
-            "torch.save = save\nfrom t2tune.cli import main\nsys.exit(main(sys.argv[1:]))")
-    proc = subprocess.run([sys.executable, "-c", code, *tiny_train_args(tmp_path, copies=2), f"out_dir={out}",
-                           *TINY], capture_output=True, text=True, timeout=300)
+    code = (
+        "import errno, sys, torch\nreal, calls = torch.save, [0]\n"
+        "def save(obj, f, *a, **k):\n    calls[0] += 1\n"
+        "    if calls[0] > 2:\n        raise OSError(errno.ENOSPC, 'No space left on device')\n"
+        "    return real(obj, f, *a, **k)\n"
+        "torch.save = save\nfrom t2tune.cli import main\nsys.exit(main(sys.argv[1:]))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *tiny_train_args(tmp_path, copies=2), f"out_dir={out}", *TINY],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     error_line(proc, "step-2: could not write the checkpoint (No space left on device)", "kept: step-1", only=False)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1"] and not (out / "hf").exists()
 
@@ -282,8 +337,11 @@ def test_sigterm_during_export_exits_130_and_keeps_the_old_export(trained, tmp_p
     assert t2tune("export", run / "checkpoints" / "step-1", "--out", out).returncode == 0
     before = snapshot(out)
     for _ in range(5):  # the write takes a fraction of a second: try until the signal lands inside it
-        proc = subprocess.Popen([sys.executable, "-m", "t2tune", "export", str(run / "checkpoints" / "step-2"),
-                                 "--out", str(out)], stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "t2tune", "export", str(run / "checkpoints" / "step-2"), "--out", str(out)],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         while proc.poll() is None and not any(p.name.startswith(".export.tmp-") for p in tmp_path.iterdir()):
             time.sleep(0.001)
         proc.send_signal(signal.SIGTERM)
@@ -300,11 +358,11 @@ def test_sigterm_during_export_exits_130_and_keeps_the_old_export(trained, tmp_p
 def test_files_from_common_tools(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
-    header = "premise,hypothesis,label\n" + "".join(f"{r['premise']},{r['hypothesis']},{r['label']}\n"
-                                                     for r in MNLI_ROWS)
+    header = "premise,hypothesis,label\n" + "".join(
+        f"{r['premise']},{r['hypothesis']},{r['label']}\n" for r in MNLI_ROWS
+    )
     (data / "train.csv").write_bytes(b"\xef\xbb\xbf" + header.encode())  # Excel's UTF-8 with BOM
-    (data / "validation.jsonl").write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n"
-                                                                      for r in MNLI_ROWS).encode())
+    (data / "validation.jsonl").write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in MNLI_ROWS).encode())
     from t2tune.data import load_examples
     from t2tune.tasks import get_task
 
@@ -313,14 +371,19 @@ def test_files_from_common_tools(tmp_path):
     write_jsonl(data / "train.jsonl", MNLI_ROWS)
     config = tmp_path / "c.yaml"
     config.write_text("task: mnli\nmodel:\n  name: tiny-gptj\n")
-    error_line(t2tune("train", config, f"data.train={data}", f"out_dir={tmp_path / 'o'}"),
-               "several train files (train.jsonl, train.csv)")
+    error_line(
+        t2tune("train", config, f"data.train={data}", f"out_dir={tmp_path / 'o'}"),
+        "several train files (train.jsonl, train.csv)",
+    )
 
 
-@pytest.mark.parametrize("args,expect", [
-    (["=5"], "override '=5': the key before '=' is empty"),
-    (["--frobnicate"], "unrecognized arguments: --frobnicate"),
-])
+@pytest.mark.parametrize(
+    "args,expect",
+    [
+        (["=5"], "override '=5': the key before '=' is empty"),
+        (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+    ],
+)
 def test_small_mistakes(tmp_path, args, expect):
     config = tmp_path / "c.yaml"
     config.write_text("task: mnli\n")

@@ -13,7 +13,6 @@ from conftest import error_line, t2tune, tiny_config
 from safetensors.torch import load_file
 
 from t2tune import guards, memory, runtime
-from t2tune.runfolder import RunFolder
 from t2tune.config import ConfigError, EvalConfig, ModelConfig, load_config
 from t2tune.errors import UserError
 from t2tune.evaluation import evaluate
@@ -23,7 +22,10 @@ from t2tune.loss import LossModule
 from t2tune.memory import estimate
 from t2tune.models import gptj_6b_config, gptj_tokenizer, load_model, wrap_lora
 from t2tune.recipe import train
+from t2tune.runfolder import RunFolder
 from t2tune.tasks import get_task
+
+pytestmark = pytest.mark.slow  # trains tiny models end to end
 
 IDS = [[50256, 1212, 318, 257, 1332, 13], [40, 588, 340]]
 
@@ -99,7 +101,10 @@ def test_the_gate_runs_the_export_from_disk_one_layer_at_a_time(tmp_path, monkey
 
     def counting_init(self, skeleton, folder):
         real_init(self, skeleton, folder)
-        count = lambda *_: most.append(sum(p.numel() for p in skeleton.parameters() if p.device.type != "meta"))
+
+        def count(*_):
+            most.append(sum(p.numel() for p in skeleton.parameters() if p.device.type != "meta"))
+
         self.hooks += [m.register_forward_hook(count) for m in skeleton.modules()]
 
     monkeypatch.setattr(guards._StreamedWeights, "__init__", counting_init)
@@ -116,12 +121,21 @@ def test_a_run_that_cannot_fit_is_refused_before_anything_loads(tmp_path, mnli_d
     out = tmp_path / "run"
     config = tmp_path / "c.yaml"
     config.write_text("task: mnli\n")
-    proc = t2tune("train", config, f"model.name={folder}", "train.method=full", f"data.train={mnli_dir}",
-                  f"out_dir={out}")
+    proc = t2tune(
+        "train", config, f"model.name={folder}", "train.method=full", f"data.train={mnli_dir}", f"out_dir={out}"
+    )
     line = error_line(proc, "needs about", "weights 22.5", "optimizer states 45.1", "train.method=lora")
     assert "GiB" in line and not out.exists()
-    lora = load_config(None, ["train.method=lora", "model.dtype=bfloat16", "model.compute_dtype=float32",
-                              "train.micro_batch_size=1", "train.global_batch_size=1"])
+    lora = load_config(
+        None,
+        [
+            "train.method=lora",
+            "model.dtype=bfloat16",
+            "model.compute_dtype=float32",
+            "train.micro_batch_size=1",
+            "train.global_batch_size=1",
+        ],
+    )
     assert estimate(gptj_6b_config(), lora).total < 20 * 1024**3  # what the 6B benchmark runs fits
 
 
@@ -133,8 +147,13 @@ def test_fp32_compute_and_bf16_autocast_are_refused_together():
 
 
 def test_peak_memory_is_reported_by_stage(tmp_path, mnli_dir, capsys):
-    train(tiny_config(tmp_path / "run", mnli_dir, **{"train.steps": 2, "model.dtype": "bfloat16",
-                                                      "model.compute_dtype": "float32", "train.method": "lora"}))
+    train(
+        tiny_config(
+            tmp_path / "run",
+            mnli_dir,
+            **{"train.steps": 2, "model.dtype": "bfloat16", "model.compute_dtype": "float32", "train.method": "lora"},
+        )
+    )
     events = [json.loads(line) for line in RunFolder(tmp_path / "run").metrics.read_text().splitlines()]
     peaks = events[-1]["peak_rss_gib"]
     assert {"load", "train", "validate", "checkpoint", "export", "run"} <= peaks.keys()
@@ -162,8 +181,11 @@ def test_merge_loss_measures_what_rounding_to_bf16_takes_from_the_update():
 
 
 def test_an_unmerged_export_is_the_adapter_checked_bit_for_bit(tmp_path, mnli_dir):
-    result = train(tiny_config(tmp_path / "run", mnli_dir, **{"train.method": "lora", "train.steps": 2,
-                                                               "lora.r": 4, "export.merge": False}))
+    result = train(
+        tiny_config(
+            tmp_path / "run", mnli_dir, **{"train.method": "lora", "train.steps": 2, "lora.r": 4, "export.merge": False}
+        )
+    )
     assert (result.export / "adapter_config.json").is_file() and not (result.export / "model.safetensors").exists()
     assert "bit for bit" in (result.export / "README.md").read_text()
     reloaded = load_model(ModelConfig(name=str(result.export)))
@@ -181,9 +203,18 @@ def test_a_failed_gate_after_a_lossy_merge_names_the_way_out(tmp_path, mnli_dir,
         raise UserError("export gate failed: the export reloaded from disk differs from the trained model")
 
     monkeypatch.setattr(guards, "gate_export", refuse)
-    cfg = tiny_config(tmp_path / "run", mnli_dir, **{"train.method": "lora", "train.steps": 1, "lora.r": 4,
-                                                      "model.dtype": "bfloat16", "model.compute_dtype": "float32",
-                                                      "train.lr": 1e-7})
+    cfg = tiny_config(
+        tmp_path / "run",
+        mnli_dir,
+        **{
+            "train.method": "lora",
+            "train.steps": 1,
+            "lora.r": 4,
+            "model.dtype": "bfloat16",
+            "model.compute_dtype": "float32",
+            "train.lr": 1e-7,
+        },
+    )
     with pytest.raises(UserError, match=r"The merge rounded away \d+% of the LoRA update .*export.merge=false"):
         train(cfg)
 
@@ -225,8 +256,17 @@ def test_qlora_trains_over_4bit_weights_and_exports_what_it_validated(tmp_path, 
     pytest.importorskip("bitsandbytes")
     from bitsandbytes.nn import Linear4bit
 
-    cfg = tiny_config(tmp_path / "run", mnli_dir, **{"train.method": "qlora", "train.steps": 2, "lora.r": 4,
-                                                      "model.dtype": "bfloat16", "model.compute_dtype": "float32"})
+    cfg = tiny_config(
+        tmp_path / "run",
+        mnli_dir,
+        **{
+            "train.method": "qlora",
+            "train.steps": 2,
+            "lora.r": 4,
+            "model.dtype": "bfloat16",
+            "model.compute_dtype": "float32",
+        },
+    )
     result = train(cfg)  # the export gate runs the written (dequantized, merged) export against it
     assert "export gate passed" in (result.export / "README.md").read_text()
     last = RunFolder(tmp_path / "run").step(2).model

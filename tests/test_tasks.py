@@ -14,20 +14,24 @@ def test_mnli_prompt_is_byte_exact():
     task = get_task("mnli")
     row = {"premise": "The cat sat on the mat.", "hypothesis": "A cat is sitting.", "label": "entailment"}
     assert task.train_text(row, "<|endoftext|>") == (
-        "mnli hypothesis: A cat is sitting. premise: The cat sat on the mat. target: entailment<|endoftext|>")
+        "mnli hypothesis: A cat is sitting. premise: The cat sat on the mat. target: entailment<|endoftext|>"
+    )
     assert task.prompt_text(row) == "mnli hypothesis: A cat is sitting. premise: The cat sat on the mat. target:"
 
 
-@pytest.mark.parametrize("generated,expected", [
-    ("entailment", "entailment"),
-    (" entailment<|endoftext|>", "entailment"),
-    (" neutral \n<|endoftext|><|endoftext|>", "neutral"),
-    (" contradiction<|endoftext|>neutral", "contradiction"),
-    (" entailment because the premise", INVALID),
-    ("", INVALID),
-    ("<|endoftext|>", INVALID),
-    (" Entailment<|endoftext|>", INVALID),  # labels must match exactly, as in the reference
-])
+@pytest.mark.parametrize(
+    "generated,expected",
+    [
+        ("entailment", "entailment"),
+        (" entailment<|endoftext|>", "entailment"),
+        (" neutral \n<|endoftext|><|endoftext|>", "neutral"),
+        (" contradiction<|endoftext|>neutral", "contradiction"),
+        (" entailment because the premise", INVALID),
+        ("", INVALID),
+        ("<|endoftext|>", INVALID),
+        (" Entailment<|endoftext|>", INVALID),  # labels must match exactly, as in the reference
+    ],
+)
 def test_postprocess(generated, expected):
     assert get_task("mnli").postprocess(generated, "<|endoftext|>") == expected
 
@@ -54,8 +58,9 @@ def test_adjacent_same_type_entities_split_on_b_tag():
 
 def test_custom_task_yaml(tmp_path):
     path = tmp_path / "boolq.yaml"
-    path.write_text('name: boolq\nprompt: "boolq question: {question} passage: {passage} target:"\n'
-                    'labels: ["yes", "no"]\n')
+    path.write_text(
+        'name: boolq\nprompt: "boolq question: {question} passage: {passage} target:"\nlabels: ["yes", "no"]\n'
+    )
     task = get_task(str(path))
     assert task.labels == ("yes", "no") and task.input_fields == ["question", "passage"]
     bad = tmp_path / "bad.yaml"

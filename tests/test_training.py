@@ -1,4 +1,3 @@
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -6,15 +5,17 @@ from conftest import tiny_config
 from transformers import AutoModelForCausalLM
 
 from t2tune.api import Trainer
-from t2tune.runfolder import RunFolder
 from t2tune.config import ModelConfig
 from t2tune.data import load_examples
 from t2tune.loss import LossModule
 from t2tune.models import decoder_and_head, load_model
 from t2tune.packing import collate, pack
+from t2tune.runfolder import RunFolder
 from t2tune.tasks import get_task
 from t2tune.tokenize import Encoded
 from t2tune.training import TrainState, epoch_order, next_positions
+
+pytestmark = pytest.mark.slow  # trains tiny models end to end
 
 
 def _token_losses(model, batch):
@@ -23,12 +24,16 @@ def _token_losses(model, batch):
     return F.cross_entropy(logits[0].float(), batch["labels"][0], reduction="none", ignore_index=-100)
 
 
-@pytest.mark.parametrize("name,attn", [("tiny-gptj", "eager"), ("tiny-gptj", "sdpa"), ("smollm2-135m", "sdpa"),
-                                       ("smollm2-135m", "eager")])
+@pytest.mark.parametrize(
+    "name,attn", [("tiny-gptj", "eager"), ("tiny-gptj", "sdpa"), ("smollm2-135m", "sdpa"), ("smollm2-135m", "eager")]
+)
 def test_isolated_packing_really_isolates(name, attn):
     loaded = load_model(ModelConfig(name=name, attn_implementation=attn))
-    examples = [Encoded([101, 102, 103, 104, 105, 106], 3), Encoded([201, 202, 203, 204], 2),
-                Encoded([301, 302, 303, 304, 305], 1)]
+    examples = [
+        Encoded([101, 102, 103, 104, 105, 106], 3),
+        Encoded([201, 202, 203, 204], 2),
+        Encoded([301, 302, 303, 304, 305], 1),
+    ]
     packed = collate(pack(examples, "isolated", 20, "all", pad_id=0), pad_id=0)
     together = _token_losses(loaded.model, packed)
     start = 0
@@ -36,7 +41,7 @@ def test_isolated_packing_really_isolates(name, attn):
         alone = collate(pack([example], "none", 20, "all", pad_id=0), pad_id=0)
         expected = _token_losses(loaded.model, alone)
         n = len(example.ids) - 1
-        got = together[start:start + n]
+        got = together[start : start + n]
         assert torch.allclose(got, expected[:n], atol=1e-5, rtol=1e-5), (name, attn, got, expected)
         start += len(example.ids)
 
@@ -114,8 +119,9 @@ def test_train_stop_resume_export_reload(tmp_path, mnli_dir):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), name
     # metrics.jsonl: one train line per step, no duplicates after the resume
     import json
-    lines = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
-    assert [l["step"] for l in lines if l["event"] == "train"] == [1, 2, 3]
+
+    lines = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in lines if e["event"] == "train"] == [1, 2, 3]
     assert {"step", "loss", "lr", "tokens_per_s"} <= set(lines[1])
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "b" / "hf")
     ids = torch.tensor([[10, 20, 30, 40, 50]])
@@ -128,8 +134,9 @@ def test_train_stop_resume_export_reload(tmp_path, mnli_dir):
 
 @pytest.mark.parametrize("name", ["tiny-gptj", "smollm2-135m"])
 def test_lora_trains_adapters_and_merged_export_matches(tmp_path, mnli_dir, name):
-    cfg = tiny_config(tmp_path / "lora", mnli_dir, **{"train.method": "lora", "train.steps": 2, "lora.r": 4,
-                                                       "model.name": name})
+    cfg = tiny_config(
+        tmp_path / "lora", mnli_dir, **{"train.method": "lora", "train.steps": 2, "lora.r": 4, "model.name": name}
+    )
     trainer = _train(cfg, mnli_dir)
     trained = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
     assert trained and all("lora_" in n for n in trained)
@@ -156,9 +163,19 @@ def test_a_pretrained_model_trains_in_training_mode(tmp_path, mnli_dir):
     assert not loaded.model.training
     seen: list[bool] = []
     loaded.model.transformer.h[0].register_forward_hook(
-        lambda module, args, out: seen.append(module.training) if torch.is_grad_enabled() else None)
-    cfg = tiny_config(tmp_path / "run", mnli_dir, **{"model.name": str(tmp_path / "model"), "train.steps": 2,
-                                                      "train.dropout": 0.1, "eval.every": 1, "checkpoint.every": 0})
+        lambda module, args, out: seen.append(module.training) if torch.is_grad_enabled() else None
+    )
+    cfg = tiny_config(
+        tmp_path / "run",
+        mnli_dir,
+        **{
+            "model.name": str(tmp_path / "model"),
+            "train.steps": 2,
+            "train.dropout": 0.1,
+            "eval.every": 1,
+            "checkpoint.every": 0,
+        },
+    )
     _train(cfg, mnli_dir, loaded)
     assert len(seen) == 2 * 2 and all(seen)  # 2 steps of 2 micro-batches, the second after a validation
 
@@ -176,13 +193,19 @@ def test_lora_with_dropout_resumes_exactly(tmp_path, mnli_dir):
 
 def test_gradient_checkpointing_gives_the_same_loss(tmp_path, mnli_dir):
     _train(tiny_config(tmp_path / "a", mnli_dir, **{"train.steps": 2, "checkpoint.every": 0}), mnli_dir)
-    _train(tiny_config(tmp_path / "b", mnli_dir, **{"train.steps": 2, "checkpoint.every": 0,
-                                                        "train.gradient_checkpointing": True}), mnli_dir)
+    _train(
+        tiny_config(
+            tmp_path / "b", mnli_dir, **{"train.steps": 2, "checkpoint.every": 0, "train.gradient_checkpointing": True}
+        ),
+        mnli_dir,
+    )
     import json
-    la = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
-    lb = [json.loads(l) for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+
+    la = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [e["loss"] for e in la if e["event"] == "train"] == pytest.approx(
-        [e["loss"] for e in lb if e["event"] == "train"], rel=1e-5)
+        [e["loss"] for e in lb if e["event"] == "train"], rel=1e-5
+    )
 
 
 def test_compiled_training_equals_eager_and_resumes(tmp_path, mnli_dir):
@@ -191,11 +214,19 @@ def test_compiled_training_equals_eager_and_resumes(tmp_path, mnli_dir):
     run stopped at step 2 and resumed continues as the eager one did."""
     import json
 
-    same = {"train.steps": 3, "train.packing": "isolated", "train.loss_on": "target", "train.method": "lora",
-            "train.gradient_checkpointing": True, "export.from": "last", "checkpoint.every": 1}
+    same = {
+        "train.steps": 3,
+        "train.packing": "isolated",
+        "train.loss_on": "target",
+        "train.method": "lora",
+        "train.gradient_checkpointing": True,
+        "export.from": "last",
+        "checkpoint.every": 1,
+    }
     eager = _train(tiny_config(tmp_path / "eager", mnli_dir, **same), mnli_dir)
-    stopped = _train(tiny_config(tmp_path / "compiled", mnli_dir, **{**same, "train.compile": True,
-                                                                      "train.steps": 2}), mnli_dir)
+    stopped = _train(
+        tiny_config(tmp_path / "compiled", mnli_dir, **{**same, "train.compile": True, "train.steps": 2}), mnli_dir
+    )
     assert stopped.run.parts.loss_module._compiled  # it really ran compiled
     resumed = _train(tiny_config(tmp_path / "compiled", mnli_dir, **{**same, "train.compile": True}), mnli_dir)
 
@@ -215,8 +246,8 @@ def test_compiled_training_equals_eager_and_resumes(tmp_path, mnli_dir):
         if base is None and "lora_B" in name:
             base = torch.zeros_like(a)  # LoRA's B starts at zero (A's start is not at hand)
         moved += float((a - base).pow(2).sum()) if base is not None else 0.0
-    print(f"compiled vs eager: {apart ** 0.5:.3g} apart, {moved ** 0.5:.3g} moved")
-    assert apart ** 0.5 < 1e-2 * moved ** 0.5
+    print(f"compiled vs eager: {apart**0.5:.3g} apart, {moved**0.5:.3g} moved")
+    assert apart**0.5 < 1e-2 * moved**0.5
 
 
 def test_trainer_api_with_custom_metric_and_postprocess(tmp_path, mnli_dir):
@@ -235,8 +266,16 @@ def test_trainer_api_with_custom_metric_and_postprocess(tmp_path, mnli_dir):
         return {"always_neutral": sum(p == "neutral" for p in predictions) / len(predictions)}
 
     tiny = load_model(cfg.model)  # not the shared fixture: this trains it
-    trainer = Trainer(cfg, tiny.model, rows, val, EvalConfig(max_new_tokens=2, batch_size=3), tiny.tokenizer,
-                      metric, lambda text: "neutral")
+    trainer = Trainer(
+        cfg,
+        tiny.model,
+        rows,
+        val,
+        EvalConfig(max_new_tokens=2, batch_size=3),
+        tiny.tokenizer,
+        metric,
+        lambda text: "neutral",
+    )
     result = trainer.evaluate()
     assert result.metrics == {"always_neutral": 1.0}
     assert seen[0][1] == [[r["label"]] for r in val]
@@ -245,8 +284,9 @@ def test_trainer_api_with_custom_metric_and_postprocess(tmp_path, mnli_dir):
 
 
 def test_max_minutes_stops_and_still_exports(tmp_path, mnli_dir):
-    cfg = tiny_config(tmp_path / "t", mnli_dir, **{"train.steps": 1000, "train.max_minutes": 1e-9,
-                                                   "checkpoint.every": 0})
+    cfg = tiny_config(
+        tmp_path / "t", mnli_dir, **{"train.steps": 1000, "train.max_minutes": 1e-9, "checkpoint.every": 0}
+    )
     trainer = _train(cfg, mnli_dir)
     assert trainer.state.optimizer_step == 1  # the first step already passes the limit
     assert (tmp_path / "t" / "hf" / "config.json").is_file()

@@ -23,14 +23,34 @@ class Trainer:
     by ``eval_config`` when given). An existing ``config.out_dir`` must hold the same run.
     """
 
-    def __init__(self, config: RunConfig, pretrained: Any, dataset: Sequence[dict[str, Any]],
-                 eval_dataset: Sequence[dict[str, Any]] | None = None, eval_config: EvalConfig | None = None,
-                 tokenizer: Any = None, metric: Callable | None = None, postprocess: Callable | None = None,
-                 task: Task | None = None, base_name: str | None = None, accelerator: Any = None):
+    def __init__(
+        self,
+        config: RunConfig,
+        pretrained: Any,
+        dataset: Sequence[dict[str, Any]],
+        eval_dataset: Sequence[dict[str, Any]] | None = None,
+        eval_config: EvalConfig | None = None,
+        tokenizer: Any = None,
+        metric: Callable | None = None,
+        postprocess: Callable | None = None,
+        task: Task | None = None,
+        base_name: str | None = None,
+        accelerator: Any = None,
+    ):
         self.config = config
-        self.run: Run = prepare(config, model=pretrained, tokenizer=tokenizer, train_rows=dataset,
-                                eval_rows=eval_dataset or [], eval_config=eval_config, metric=metric,
-                                postprocess=postprocess, task=task, base_name=base_name, accelerator=accelerator)
+        self.run: Run = prepare(
+            config,
+            model=pretrained,
+            tokenizer=tokenizer,
+            train_rows=dataset,
+            eval_rows=eval_dataset or [],
+            eval_config=eval_config,
+            metric=metric,
+            postprocess=postprocess,
+            task=task,
+            base_name=base_name,
+            accelerator=accelerator,
+        )
         self.result: RunResult | None = None
 
     @property

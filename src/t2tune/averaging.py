@@ -90,11 +90,16 @@ class WeightAverage:
 
     def load_state_dict(self, state: Any, where: str) -> None:
         """Averages saved by :meth:`state_dict`; ``where`` names the file for a mismatch."""
-        if not isinstance(state, dict) or set(state) != set(self.average) or any(
-                not isinstance(state[k], torch.Tensor) or state[k].shape != v.shape for k, v in self.average.items()):
+        if (
+            not isinstance(state, dict)
+            or set(state) != set(self.average)
+            or any(not isinstance(state[k], torch.Tensor) or state[k].shape != v.shape for k, v in self.average.items())
+        ):
             from .errors import UserError
 
-            raise UserError(f"{where}: the weight averages (train.ema) do not match this model's trainable "
-                            "parameters; delete this checkpoint to resume from an older one")
+            raise UserError(
+                f"{where}: the weight averages (train.ema) do not match this model's trainable "
+                "parameters; delete this checkpoint to resume from an older one"
+            )
         for name, value in state.items():
             self.average[name].copy_(value)

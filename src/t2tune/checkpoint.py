@@ -23,6 +23,7 @@ from .training import TrainState
 
 # --- writing -------------------------------------------------------------------------------
 
+
 def save_hf(model: Any, tokenizer: Any, folder: Path, state_dict: dict[str, Any] | None = None) -> None:
     """save_pretrained for model, tokenizer and generation config, into ``folder``."""
     set_generation_ids(model, tokenizer)
@@ -65,9 +66,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def write_checkpoint(folder: RunFolder, step: int, model: Any, tokenizer: Any, optimizer: Any, scheduler: Any,
-                     state: dict[str, Any], model_state: dict[str, Any] | None = None,
-                     engine_state: Path | None = None, average: dict[str, Any] | None = None) -> StepFolder:
+def write_checkpoint(
+    folder: RunFolder,
+    step: int,
+    model: Any,
+    tokenizer: Any,
+    optimizer: Any,
+    scheduler: Any,
+    state: dict[str, Any],
+    model_state: dict[str, Any] | None = None,
+    engine_state: Path | None = None,
+    average: dict[str, Any] | None = None,
+) -> StepFolder:
     """Commit ``step-N/``: HF weights (``model/``), optimizer + scheduler (``optimizer.pt``) or the
     engine's own save (``engine/``, when ``engine_state`` is given), the weight averages of
     ``train.ema`` (``optimizer.pt``), RNG and train state."""
@@ -87,6 +97,7 @@ def write_checkpoint(folder: RunFolder, step: int, model: Any, tokenizer: Any, o
 
 
 # --- reading -------------------------------------------------------------------------------
+
 
 def load_weights(model: Any, folder: Path) -> None:
     """Load safetensors weights saved by :func:`save_hf` into ``model`` (full model or adapter)."""
@@ -111,14 +122,19 @@ def load_weights(model: Any, folder: Path) -> None:
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [k for k in result.missing_keys if k not in tied and not _is_tied(model, k)]
     if missing or result.unexpected_keys:
-        raise UserError(f"{folder}: weights do not match the model (missing {missing[:3]}, "
-                        f"unexpected {result.unexpected_keys[:3]})")
+        raise UserError(
+            f"{folder}: weights do not match the model (missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})"
+        )
 
 
 def _is_tied(model: Any, key: str) -> bool:
     out = model.get_output_embeddings()
-    return out is not None and key.endswith("weight") and key.startswith("lm_head") and \
-        out.weight is model.get_input_embeddings().weight
+    return (
+        out is not None
+        and key.endswith("weight")
+        and key.startswith("lm_head")
+        and out.weight is model.get_input_embeddings().weight
+    )
 
 
 def read_checkpoint(step: StepFolder) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
@@ -128,10 +144,11 @@ def read_checkpoint(step: StepFolder) -> tuple[dict[str, Any], dict[str, Any], d
         state = parse_json(step.state.read_text(encoding="utf-8"))
         opt = torch.load(step.optimizer, weights_only=True, map_location="cpu")
         rng = torch.load(step.rng, weights_only=True, map_location="cpu")
-    except Exception as exc:  # noqa: BLE001 (I/O, truncation, and pickles weights_only refuses all end here)
+    except Exception as exc:
         reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
-        raise UserError(f"{step.path}: corrupt or incomplete checkpoint ({reason}); "
-                        "delete it to resume from an older one") from None
+        raise UserError(
+            f"{step.path}: corrupt or incomplete checkpoint ({reason}); delete it to resume from an older one"
+        ) from None
     problem = _shape_problem(state, opt, rng) or _range_problem(state, step)
     if problem:
         raise UserError(f"{step.path}: corrupt checkpoint ({problem}); delete it to resume from an older one")
@@ -143,7 +160,7 @@ def read_average(step: StepFolder) -> Any:
     accepted, mapped rather than read: the optimizer state beside them stays on disk."""
     try:
         return torch.load(step.optimizer, weights_only=True, map_location="cpu", mmap=True).get("ema")
-    except Exception as exc:  # noqa: BLE001 (as in read_checkpoint)
+    except Exception as exc:
         raise UserError(f"{step.optimizer}: corrupt checkpoint ({str(exc)[:200]})") from None
 
 
@@ -167,8 +184,9 @@ def _range_problem(state: dict[str, Any], step: StepFolder) -> str | None:
         return f"state.json: 'optimizer_step' is {state.get('optimizer_step')}, not this folder's step {match.group(1)}"
     for key in ("best", "last_eval"):
         at = state.get(key, {}).get("step") if state.get(key) else None
-        if state.get(key) and (not isinstance(at, int) or isinstance(at, bool) or not 0 <= at <= state.get(
-                "optimizer_step", 0)):
+        if state.get(key) and (
+            not isinstance(at, int) or isinstance(at, bool) or not 0 <= at <= state.get("optimizer_step", 0)
+        ):
             return f"state.json: '{key}' names step {short(at, 40)}, which this checkpoint has not reached"
     return None
 
@@ -192,8 +210,9 @@ class Checkpointer:
     """How a run saves its steps, resumes the newest one and restores the one to export. Every
     process holds one: under sharded engines saving, resuming and gathering are collective."""
 
-    def __init__(self, cfg: Any, folder: RunFolder, parts: Any, model: Any, tokenizer: Any,
-                 average: Any = None) -> None:
+    def __init__(
+        self, cfg: Any, folder: RunFolder, parts: Any, model: Any, tokenizer: Any, average: Any = None
+    ) -> None:
         self.cfg, self.folder, self.parts, self.model, self.tokenizer = cfg, folder, parts, model, tokenizer
         self.accelerator = parts.accelerator
         self.main = self.accelerator.is_main_process
@@ -231,13 +250,24 @@ class Checkpointer:
         if self.main:
             p = self.parts
             try:
-                write_checkpoint(self.folder, step, self.model, self.tokenizer, p.optimizer, p.scheduler,
-                                 state.to_dict(), model_state, engine,
-                                 average=self.average.state_dict() if self.average is not None else None)
+                write_checkpoint(
+                    self.folder,
+                    step,
+                    self.model,
+                    self.tokenizer,
+                    p.optimizer,
+                    p.scheduler,
+                    state.to_dict(),
+                    model_state,
+                    engine,
+                    average=self.average.state_dict() if self.average is not None else None,
+                )
             except OSError as exc:  # a full disk: the temporary folder is gone, older checkpoints stay
                 kept = [f"step-{n}" for n, _ in self.folder.checkpoints()]
-                raise UserError(f"{self.folder.step(step).path}: could not write the checkpoint ({exc.strerror}); "
-                                f"kept: {', '.join(kept) or 'no older checkpoint'}") from None
+                raise UserError(
+                    f"{self.folder.step(step).path}: could not write the checkpoint ({exc.strerror}); "
+                    f"kept: {', '.join(kept) or 'no older checkpoint'}"
+                ) from None
             self.folder.rotate(self.cfg.checkpoint.keep, protect=state.best.get("step"))
         acc.wait_for_everyone()
         return model_state
@@ -258,8 +288,10 @@ class Checkpointer:
             load_weights(self.model, path.model)
             self.parts.optimizer.load_state_dict(opt["optimizer"])
         else:
-            raise UserError(f"{path.path}: optimizer state missing (no optimizer.pt entry, no engine/ folder); "
-                            "delete this checkpoint to resume from an older one")
+            raise UserError(
+                f"{path.path}: optimizer state missing (no optimizer.pt entry, no engine/ folder); "
+                "delete this checkpoint to resume from an older one"
+            )
         self.parts.scheduler.load_state_dict(opt["scheduler"])
         if self.average is not None:
             self.average.load_state_dict(opt.get("ema"), path.optimizer)
@@ -271,12 +303,16 @@ class Checkpointer:
         of this run, and the best step's checkpoint is there to export."""
         rows = rows_in(state.epoch)
         if not state.row_in_epoch < rows:
-            raise UserError(f"{path.state}: corrupt checkpoint (data position {state.row_in_epoch} of epoch "
-                            f"{state.epoch}, which has {rows} rows); delete it to resume from an older one")
+            raise UserError(
+                f"{path.state}: corrupt checkpoint (data position {state.row_in_epoch} of epoch "
+                f"{state.epoch}, which has {rows} rows); delete it to resume from an older one"
+            )
         best = state.best.get("step") if state.best else None
         if best is not None and best not in steps and self.cfg.export.from_ == "best":
-            raise UserError(f"{path.state}: the best step {best} has no checkpoint in {self.folder.checkpoints_root} "
-                            "to export; restore it, or set export.from=last")
+            raise UserError(
+                f"{path.state}: the best step {best} has no checkpoint in {self.folder.checkpoints_root} "
+                "to export; restore it, or set export.from=last"
+            )
 
     def restore_exported(self, state: Any, weights: dict[str, Any] | None) -> tuple[dict[str, Any], Any]:
         """Put the step to export (``export.from``) into the model: the best step's weights when
@@ -295,8 +331,10 @@ class Checkpointer:
             self.accelerator.load_state(str(step.engine))
             return best, self.full_weights()
         if is_sharded(self.accelerator):
-            say(f"warning: the best step ({best['step']}) has no engine state to restore under a sharded engine "
-                f"(checkpoint.format: hf); exporting the last step ({last}) instead")
+            say(
+                f"warning: the best step ({best['step']}) has no engine state to restore under a sharded engine "
+                f"(checkpoint.format: hf); exporting the last step ({last}) instead"
+            )
             return {**last_eval, "step": last}, weights
         load_weights(self.model, step.model)
         if self.average is not None:  # that step's averages, as its validation measured them

@@ -21,10 +21,11 @@ EXIT_INTERRUPTED = 130
 
 # --- train ---------------------------------------------------------------------------------
 
+
 def cmd_train(args: argparse.Namespace) -> int:
-    from .runfolder import RunFolder
     from .config import load_config
     from .recipe import train
+    from .runfolder import RunFolder
 
     cfg = load_config(args.config, args.overrides)
     if cfg.train.threads:
@@ -35,29 +36,46 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train(cfg, overwrite=args.overwrite)
     if result.stopped == "diverged":
         kept = [str(step.path) for _, step in RunFolder(Path(cfg.out_dir)).checkpoints()]
-        raise UserError(f"training diverged at step {result.state.optimizer_step + 1}: the loss or gradient norm "
-                        f"is not finite; nothing was exported (last good checkpoint: {kept[-1] if kept else 'none'}); "
-                        "lower train.lr or set train.grad_clip")
+        raise UserError(
+            f"training diverged at step {result.state.optimizer_step + 1}: the loss or gradient norm "
+            f"is not finite; nothing was exported (last good checkpoint: {kept[-1] if kept else 'none'}); "
+            "lower train.lr or set train.grad_clip"
+        )
     if result.stopped == "signal":
-        say(f"stopped by signal {result.signal} at step {result.state.optimizer_step}; "
-              "checkpoint written, run the same command to resume")
+        say(
+            f"stopped by signal {result.signal} at step {result.state.optimizer_step}; "
+            "checkpoint written, run the same command to resume"
+        )
         return EXIT_INTERRUPTED
     if result.main_process:
         state = result.state
         wall = round(time.perf_counter() - start, 1)
-        summary = {"out_dir": cfg.out_dir, "stopped": result.stopped, "steps": state.optimizer_step,
-                   "tokens_seen": state.tokens_seen,
-                   "train_seconds": round(state.train_seconds, 1), "wall_seconds": wall,
-                   "best": state.best, "last_eval": result.last_eval, "export": str(result.export)}
+        summary = {
+            "out_dir": cfg.out_dir,
+            "stopped": result.stopped,
+            "steps": state.optimizer_step,
+            "tokens_seen": state.tokens_seen,
+            "train_seconds": round(state.train_seconds, 1),
+            "wall_seconds": wall,
+            "best": state.best,
+            "last_eval": result.last_eval,
+            "export": str(result.export),
+        }
         print(json.dumps(summary))
     return 0
 
 
 # --- evaluate / predict --------------------------------------------------------------------
 
-EVAL_FLAGS = {"mode": "--mode", "max_new_tokens": "--max-new-tokens", "batch_size": "--batch-size",
-              "seq_len": "--seq-len", "limit": "--limit", "precision": "--precision",
-              "entity_parsing": "--entity-parsing"}
+EVAL_FLAGS = {
+    "mode": "--mode",
+    "max_new_tokens": "--max-new-tokens",
+    "batch_size": "--batch-size",
+    "seq_len": "--seq-len",
+    "limit": "--limit",
+    "precision": "--precision",
+    "entity_parsing": "--entity-parsing",
+}
 
 
 def _count_or_auto(text: str) -> int | str:
@@ -136,8 +154,15 @@ def cmd_evaluate(args: argparse.Namespace, predict: bool = False) -> int:
     _check_outputs(args)
     processes = process_state()  # under accelerate launch, every process takes a share of the rows
     task = get_task(args.task)
-    loaded = load_model(ModelConfig(name=args.model, dtype=args.dtype, compute_dtype=args.compute_dtype,
-                                    attn_implementation=args.attn, trust_remote_code=args.trust_remote_code))
+    loaded = load_model(
+        ModelConfig(
+            name=args.model,
+            dtype=args.dtype,
+            compute_dtype=args.compute_dtype,
+            attn_implementation=args.attn,
+            trust_remote_code=args.trust_remote_code,
+        )
+    )
     source = args.input if predict else args.data
     split, hub_config = with_hub_defaults(task, source, args.split, args.hub_config)
     rows = load_examples(task, source, split, hub_config, limit=args.limit, need_target=not predict)
@@ -145,8 +170,7 @@ def cmd_evaluate(args: argparse.Namespace, predict: bool = False) -> int:
         import torch
 
         torch.set_num_threads(args.threads)  # a process setting: the CLI's to make
-    result = evaluate(loaded.model, loaded.tokenizer, task, rows, config, with_metrics=not predict,
-                      processes=processes)
+    result = evaluate(loaded.model, loaded.tokenizer, task, rows, config, with_metrics=not predict, processes=processes)
     try:
         if processes.is_main_process:
             _report(args, task, result, predict)
@@ -171,6 +195,7 @@ def _report(args: argparse.Namespace, task: Any, result: Any, predict: bool) -> 
 
 
 # --- export / tasks ------------------------------------------------------------------------
+
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .checkpoint import read_checkpoint
@@ -200,15 +225,30 @@ def cmd_export(args: argparse.Namespace) -> int:
         state = state or TrainState()
         step = state.optimizer_step
         shown = state.last_eval if state.last_eval.get("step") == step else {}
-        export_run(loaded.model, loaded.tokenizer, out, cfg, [m.task for m in members_of(cfg, cfg.eval)], state,
-                   shown, f"Exported weights: step {step}, from the checkpoint {src.path.name} (`t2tune export`).",
-                   merge=merge, loss=loss, what="--out")
+        export_run(
+            loaded.model,
+            loaded.tokenizer,
+            out,
+            cfg,
+            [m.task for m in members_of(cfg, cfg.eval)],
+            state,
+            shown,
+            f"Exported weights: step {step}, from the checkpoint {src.path.name} (`t2tune export`).",
+            merge=merge,
+            loss=loss,
+            what="--out",
+        )
     if loss.share >= MERGE_LOSS_HINT:
-        say(f"warning: the LoRA merge's rounding to {str(loaded.model.dtype).removeprefix('torch.')} lost "
+        say(
+            f"warning: the LoRA merge's rounding to {str(loaded.model.dtype).removeprefix('torch.')} lost "
             f"{loss.share:.0%} of the update (entries below that dtype's resolution at their base weights); "
-            "--adapter-only exports it exactly")
-    print(json.dumps({"export": str(out), "adapter_only": bool(args.adapter_only),
-                      "merge_rounding_lost": round(loss.share, 4)}))
+            "--adapter-only exports it exactly"
+        )
+    print(
+        json.dumps(
+            {"export": str(out), "adapter_only": bool(args.adapter_only), "merge_rounding_lost": round(loss.share, 4)}
+        )
+    )
     return 0
 
 
@@ -240,6 +280,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 # --- parser --------------------------------------------------------------------------------
 
+
 def _eval_args(p: argparse.ArgumentParser, predict: bool) -> None:
     from .config import CHOICES, EvalConfig
 
@@ -256,22 +297,42 @@ def _eval_args(p: argparse.ArgumentParser, predict: bool) -> None:
     p.add_argument("--split", default="validation", help="split name for folders and hub datasets")
     p.add_argument("--hub-config", default=None, help="hub dataset configuration (e.g. mnli)")
     p.add_argument("--mode", choices=sorted(CHOICES["eval.mode"]), default=defaults.mode)
-    p.add_argument("--max-new-tokens", type=_count_or_auto, default=defaults.max_new_tokens,
-                   help="auto (default): from the labels, or from the rows' answers for free-text tasks")
+    p.add_argument(
+        "--max-new-tokens",
+        type=_count_or_auto,
+        default=defaults.max_new_tokens,
+        help="auto (default): from the labels, or from the rows' answers for free-text tasks",
+    )
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
     p.add_argument("--seq-len", type=int, default=defaults.seq_len)
     p.add_argument("--limit", type=int, default=defaults.limit)
-    p.add_argument("--precision", choices=sorted(CHOICES["eval.precision"]), default=defaults.precision,
-                   help="eval.precision; bf16-checked: bf16, with close calls redone in fp32 (fp32 predictions, "
-                        "most of bf16 speed)")
-    p.add_argument("--entity-parsing", choices=sorted(CHOICES["eval.entity_parsing"]),
-                   default=defaults.entity_parsing, help="cut-off entity lists: keep the well-formed entities or none")
+    p.add_argument(
+        "--precision",
+        choices=sorted(CHOICES["eval.precision"]),
+        default=defaults.precision,
+        help="eval.precision; bf16-checked: bf16, with close calls redone in fp32 (fp32 predictions, "
+        "most of bf16 speed)",
+    )
+    p.add_argument(
+        "--entity-parsing",
+        choices=sorted(CHOICES["eval.entity_parsing"]),
+        default=defaults.entity_parsing,
+        help="cut-off entity lists: keep the well-formed entities or none",
+    )
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--attn", default="sdpa", help="attention implementation (eager, sdpa)")
-    p.add_argument("--dtype", choices=sorted(CHOICES["model.dtype"]), default="float32",
-                   help="model.dtype: the weights' dtype in memory")
-    p.add_argument("--compute-dtype", choices=sorted(CHOICES["model.compute_dtype"]), default=None,
-                   help="model.compute_dtype: compute in fp32 over bf16 weights (CPUs without bf16 units)")
+    p.add_argument(
+        "--dtype",
+        choices=sorted(CHOICES["model.dtype"]),
+        default="float32",
+        help="model.dtype: the weights' dtype in memory",
+    )
+    p.add_argument(
+        "--compute-dtype",
+        choices=sorted(CHOICES["model.compute_dtype"]),
+        default=None,
+        help="model.compute_dtype: compute in fp32 over bf16 weights (CPUs without bf16 units)",
+    )
     p.add_argument("--trust-remote-code", action="store_true")
 
 
@@ -305,9 +366,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
     sub.add_parser("tasks", help="list built-in tasks").set_defaults(func=cmd_tasks)
     sub.add_parser("models", help="list model aliases").set_defaults(func=cmd_models)
-    sub.add_parser("keys", help="list every config key: default, allowed values, resume-safe, what it does"
-                   ).set_defaults(func=cmd_keys)
+    sub.add_parser(
+        "keys", help="list every config key: default, allowed values, resume-safe, what it does"
+    ).set_defaults(func=cmd_keys)
     return parser
+
+
+MODEL_COMMANDS = ("train", "evaluate", "predict", "export")  # the commands that load a model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -321,6 +386,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         keep_freed_memory()
+        if args.command in MODEL_COMMANDS:
+            from .models import quiet_transformers
+
+            quiet_transformers()  # the libraries' chatter would break the one-line promise
         return args.func(args)
     except UserError as exc:
         if debug:

@@ -23,9 +23,8 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError, UserError, short
-from .yamlfile import read_yaml
 from .files import plain_name
-
+from .yamlfile import read_yaml
 
 # A key's one declaration: default, documentation, allowed values (``choices``), numeric range
 # (``range``, one of the range names below), whether ``auto`` is allowed in place of a number,
@@ -33,12 +32,25 @@ from .files import plain_name
 # already trained). CHOICES, RANGES, RESUME_SAFE and the README's key table are derived from it.
 POS, NONNEG, FRACTION, PROB = "> 0", ">= 0", "in [0, 1]", "in [0, 1)"
 SEED = "in [0, 2**32)"  # what numpy's seed takes (accelerate's set_seed seeds numpy too)
-RANGE_TESTS = {POS: lambda v: v > 0, NONNEG: lambda v: v >= 0, FRACTION: lambda v: 0 <= v <= 1,
-               PROB: lambda v: 0 <= v < 1, SEED: lambda v: 0 <= v < 2**32}
+RANGE_TESTS = {
+    POS: lambda v: v > 0,
+    NONNEG: lambda v: v >= 0,
+    FRACTION: lambda v: 0 <= v <= 1,
+    PROB: lambda v: 0 <= v < 1,
+    SEED: lambda v: 0 <= v < 2**32,
+}
 
 
-def key(default: Any = None, doc: str = "", *, choices: tuple[str, ...] = (), range: str | None = None,
-        auto: bool = False, resume_safe: bool = False, factory: Callable[[], Any] | None = None) -> Any:
+def key(
+    default: Any = None,
+    doc: str = "",
+    *,
+    choices: tuple[str, ...] = (),
+    range: str | None = None,
+    auto: bool = False,
+    resume_safe: bool = False,
+    factory: Callable[[], Any] | None = None,
+) -> Any:
     """A config field with its declaration in the field's metadata."""
     meta = {"doc": doc, "choices": frozenset(choices), "range": range, "auto": auto, "resume_safe": resume_safe}
     if factory is not None:
@@ -52,9 +64,11 @@ class ModelConfig:
     revision: str | None = key(None, 'hub revision, e.g. "float16" for GPT-J')
     dtype: str = key("float32", "weights dtype", choices=("float32", "bfloat16", "float16"))
     compute_dtype: str | None = key(
-        None, "the dtype layers compute in, when wider than the weights: float32 over bfloat16 weights keeps 2 bytes "
+        None,
+        "the dtype layers compute in, when wider than the weights: float32 over bfloat16 weights keeps 2 bytes "
         "a weight and fp32 speed on CPUs without bf16 matrix units (precision.py, docs/scaling.md)",
-        choices=("float32",))
+        choices=("float32",),
+    )
     attn_implementation: str = key("sdpa", "eager | sdpa (others if installed)")
     trust_remote_code: bool = key(False, "run a model's own code from the hub; never on unless asked")
 
@@ -70,9 +84,14 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int | str = key(100, "optimizer steps; auto (with max_minutes): as many as the time budget buys, warmup "
-                           "and decay following the fraction of the budget spent", range=POS, auto=True,
-                           resume_safe=True)
+    steps: int | str = key(
+        100,
+        "optimizer steps; auto (with max_minutes): as many as the time budget buys, warmup "
+        "and decay following the fraction of the budget spent",
+        range=POS,
+        auto=True,
+        resume_safe=True,
+    )
     seq_len: int = key(256, "tokens per row fed to the model (rows hold seq_len + 1 tokens)", range=POS)
     micro_batch_size: int = key(8, "rows per forward pass (per process)", range=POS)
     global_batch_size: int = key(8, "rows per optimizer step, all processes together", range=POS)
@@ -81,36 +100,62 @@ class TrainConfig:
     eps: float = key(1e-8, "AdamW's epsilon", range=POS)
     weight_decay: float = key(0.0, "AdamW's weight decay, never applied to norms and biases", range=NONNEG)
     warmup_steps: int = key(0, "linear warmup in optimizer steps (or warmup_fraction; set one)", range=NONNEG)
-    warmup_fraction: float = key(0.0, "warmup as a fraction of the run: of the time budget (steps: auto) or of the "
-                                 "steps; the one way to warm up a budgeted run", range=PROB)
+    warmup_fraction: float = key(
+        0.0,
+        "warmup as a fraction of the run: of the time budget (steps: auto) or of the "
+        "steps; the one way to warm up a budgeted run",
+        range=PROB,
+    )
     schedule: str = key("constant", "the lr after warmup", choices=("constant", "linear", "cosine"))
     min_lr_ratio: float = key(0.0, "floor of linear/cosine decay, as a fraction of lr", range=FRACTION)
     dropout: float | None = key(None, "overrides every dropout probability of the model when set", range=PROB)
     grad_clip: float | None = key(1.0, "max global gradient norm; null disables", range=POS)
-    precision: str = key("fp32", "training autocast: fp32 (none: the weights' dtype, model.dtype) | bf16",
-                         choices=("fp32", "bf16"))
+    precision: str = key(
+        "fp32", "training autocast: fp32 (none: the weights' dtype, model.dtype) | bf16", choices=("fp32", "bf16")
+    )
     seed: int = key(42, "seeds the model's new weights, dropout and the data order", range=SEED)
     loss_on: str = key("all", "all tokens (the reference) | target (answer tokens only)", choices=("all", "target"))
     packing: str = key("concat", "how rows are filled (README: What it does)", choices=("concat", "isolated", "none"))
     truncate: bool = key(False, "cut over-long examples instead of stopping")
-    method: str = key("full", "full fine-tune | lora | qlora (LoRA over 4-bit weights)",
-                      choices=("full", "lora", "qlora"))
+    method: str = key(
+        "full", "full fine-tune | lora | qlora (LoRA over 4-bit weights)", choices=("full", "lora", "qlora")
+    )
     gradient_checkpointing: bool = key(False, "recompute activations in backward: less memory, ~1/3 more compute")
-    compile: bool = key(False, "torch.compile the decoder for training (the output layer and loss stay eager); "
-                        "validation stays eager; not under DeepSpeed/FSDP", resume_safe=True)
+    compile: bool = key(
+        False,
+        "torch.compile the decoder for training (the output layer and loss stay eager); "
+        "validation stays eager; not under DeepSpeed/FSDP",
+        resume_safe=True,
+    )
     log_every: int = key(1, "optimizer steps between metrics.jsonl lines", range=POS, resume_safe=True)
-    threads: int | None = key(None, "torch intra-op threads, set by the CLI; null keeps torch's choice", range=POS,
-                              resume_safe=True)
-    max_minutes: float | None = key(None, "stop (validate, checkpoint, export) after this much training time: the "
-                                    "optimizer steps alone, not validation or checkpoints", range=POS,
-                                    resume_safe=True)
-    peak_tflops: float | None = key(None, "the machine's peak for MFU, in the training precision; null: measured "
-                                    "at the run's start (speed.py)", range=POS, resume_safe=True)
-    packing_check: bool = key(True, "isolated packing: check at the start that packed rows give each example the "
-                              "loss it has alone (guards.py)", resume_safe=True)
-    ema: float | None = key(None, "weight averaging: the decay of an exponential moving average of the trained "
-                            "weights, which validation measures and the export writes instead of the raw weights; "
-                            "null: off; not under DeepSpeed/FSDP (averaging.py)", range=PROB)
+    threads: int | None = key(
+        None, "torch intra-op threads, set by the CLI; null keeps torch's choice", range=POS, resume_safe=True
+    )
+    max_minutes: float | None = key(
+        None,
+        "stop (validate, checkpoint, export) after this much training time: the "
+        "optimizer steps alone, not validation or checkpoints",
+        range=POS,
+        resume_safe=True,
+    )
+    peak_tflops: float | None = key(
+        None,
+        "the machine's peak for MFU, in the training precision; null: measured at the run's start (speed.py)",
+        range=POS,
+        resume_safe=True,
+    )
+    packing_check: bool = key(
+        True,
+        "isolated packing: check at the start that packed rows give each example the loss it has alone (guards.py)",
+        resume_safe=True,
+    )
+    ema: float | None = key(
+        None,
+        "weight averaging: the decay of an exponential moving average of the trained "
+        "weights, which validation measures and the export writes instead of the raw weights; "
+        "null: off; not under DeepSpeed/FSDP (averaging.py)",
+        range=PROB,
+    )
 
 
 @dataclass
@@ -118,39 +163,61 @@ class LoraConfig:
     r: int = key(8, "adapter rank", range=POS)
     alpha: int = key(16, "adapter scale numerator (scale = alpha / r)", range=POS)
     dropout: float = key(0.05, "dropout on the adapter's input", range=PROB)
-    target_modules: list[str] | None = key(None, "module names to adapt; null: GPT-J attention + MLP projections, "
-                                           "Llama q/k/v/o/gate/up/down")
+    target_modules: list[str] | None = key(
+        None, "module names to adapt; null: GPT-J attention + MLP projections, Llama q/k/v/o/gate/up/down"
+    )
 
 
 @dataclass
 class CheckpointConfig:
     every: int = key(0, "optimizer steps between checkpoints; 0: only at the end", range=NONNEG, resume_safe=True)
     keep: int = key(2, "newest complete checkpoints kept (and the best)", range=POS, resume_safe=True)
-    format: str = key("auto", "weights + optimizer state: hf (one full copy by the main process) | accelerate (the "
-                      "engine's own sharded save_state) | auto (accelerate under FSDP / DeepSpeed); every "
-                      "checkpoint also holds full HF weights", choices=("auto", "hf", "accelerate"))
+    format: str = key(
+        "auto",
+        "weights + optimizer state: hf (one full copy by the main process) | accelerate (the "
+        "engine's own sharded save_state) | auto (accelerate under FSDP / DeepSpeed); every "
+        "checkpoint also holds full HF weights",
+        choices=("auto", "hf", "accelerate"),
+    )
 
 
 @dataclass
 class EvalConfig:
     every: int = key(0, "optimizer steps between validations; 0: only at the end", range=NONNEG, resume_safe=True)
-    max_new_tokens: int | str = key("auto", "tokens generated per answer; auto: the longest label + EOS, or the "
-                                    "longest training target + EOS plus a margin", range=POS, auto=True,
-                                    resume_safe=True)
+    max_new_tokens: int | str = key(
+        "auto",
+        "tokens generated per answer; auto: the longest label + EOS, or the "
+        "longest training target + EOS plus a margin",
+        range=POS,
+        auto=True,
+        resume_safe=True,
+    )
     batch_size: int = key(32, "prompts per forward pass", range=POS, resume_safe=True)
-    seq_len: int = key(512, "prompts longer than this are cut from the left (and counted)", range=POS,
-                       resume_safe=True)
+    seq_len: int = key(512, "prompts longer than this are cut from the left (and counted)", range=POS, resume_safe=True)
     limit: int | None = key(None, "validation rows used; null: all", range=POS, resume_safe=True)
-    mode: str = key("generate", "generate the answer (the reference) | score the labels",
-                    choices=("generate", "score"), resume_safe=True)
-    precision: str = key("fp32", "fp32 | bf16 (autocast) | bf16-checked (bf16, close calls redone in fp32)",
-                         choices=("fp32", "bf16", "bf16-checked"), resume_safe=True)
-    entity_parsing: str = key("lenient", "entity lists cut off or garbled: lenient keeps a row's well-formed "
-                              "entities, strict drops them all", choices=("lenient", "strict"), resume_safe=True)
-    metric: str | None = key(None, 'what "best" means: a validation metric\'s name; null: the task\'s headline')
+    mode: str = key(
+        "generate",
+        "generate the answer (the reference) | score the labels",
+        choices=("generate", "score"),
+        resume_safe=True,
+    )
+    precision: str = key(
+        "fp32",
+        "fp32 | bf16 (autocast) | bf16-checked (bf16, close calls redone in fp32)",
+        choices=("fp32", "bf16", "bf16-checked"),
+        resume_safe=True,
+    )
+    entity_parsing: str = key(
+        "lenient",
+        "entity lists cut off or garbled: lenient keeps a row's well-formed entities, strict drops them all",
+        choices=("lenient", "strict"),
+        resume_safe=True,
+    )
+    metric: str | None = key(None, "what \"best\" means: a validation metric's name; null: the task's headline")
     greater_is_better: bool | None = key(None, "null: inferred from eval.metric")
-    patience: int = key(0, "stop after this many validations without a new best; 0: never stop early",
-                        range=NONNEG, resume_safe=True)
+    patience: int = key(
+        0, "stop after this many validations without a new best; 0: never stop early", range=NONNEG, resume_safe=True
+    )
 
 
 @dataclass
@@ -159,39 +226,50 @@ class TaskEntry(DataConfig):
 
     task: str | None = key(None, "built-in task name or task YAML; null: the entry's own name")
     weight: float | None = key(None, "its mixing weight under mix.rule: weights (null: 1)", range=POS)
-    mode: str | None = key(None, "its validation mode; null: eval.mode (generate for free-text tasks)",
-                           choices=("generate", "score"))
+    mode: str | None = key(
+        None, "its validation mode; null: eval.mode (generate for free-text tasks)", choices=("generate", "score")
+    )
 
 
 @dataclass
 class MixConfig:
-    rule: str = key("proportional", "how tasks mix: proportional (rate ∝ min(n, cap)), temperature (rate ∝ "
-                    "min(n, cap) ^ (1 / temperature)), weights (rate ∝ tasks.<name>.weight)",
-                    choices=("proportional", "temperature", "weights"))
+    rule: str = key(
+        "proportional",
+        "how tasks mix: proportional (rate ∝ min(n, cap)), temperature (rate ∝ "
+        "min(n, cap) ^ (1 / temperature)), weights (rate ∝ tasks.<name>.weight)",
+        choices=("proportional", "temperature", "weights"),
+    )
     cap: int | None = key(None, "examples counted per task at most; also bounds its share of an epoch", range=POS)
     temperature: float = key(1.0, "mix.rule: temperature's exponent", range=POS)
 
 
 @dataclass
 class ExportConfig:
-    from_: str = key("best", "the weights exported to hf/: best (the best validated step; the last when no "
-                     "validation ran) | last", choices=("best", "last"), resume_safe=True)
+    from_: str = key(
+        "best",
+        "the weights exported to hf/: best (the best validated step; the last when no validation ran) | last",
+        choices=("best", "last"),
+        resume_safe=True,
+    )
     gate: bool = key(True, "reload the export and compare its logits with the trained model's", resume_safe=True)
-    merge: bool = key(True, "LoRA: merge the adapter into the base weights; false: hf/ holds the adapter alone, "
-                      "exact", resume_safe=True)
+    merge: bool = key(
+        True,
+        "LoRA: merge the adapter into the base weights; false: hf/ holds the adapter alone, exact",
+        resume_safe=True,
+    )
 
 
 @dataclass
 class LogConfig:
-    to: list[str] = key(doc="experiment trackers: tensorboard, trackio, wandb, mlflow", factory=list,
-                        resume_safe=True)
+    to: list[str] = key(doc="experiment trackers: tensorboard, trackio, wandb, mlflow", factory=list, resume_safe=True)
 
 
 @dataclass
 class RunConfig:
     task: str = key("mnli", "built-in task name or path to a task YAML")
-    out_dir: str = key("runs/default", "the run folder (may start with ~); a run may move and still resume",
-                       resume_safe=True)
+    out_dir: str = key(
+        "runs/default", "the run folder (may start with ~); a run may move and still resume", resume_safe=True
+    )
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -200,14 +278,17 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     log: LogConfig = field(default_factory=LogConfig)
-    tasks: dict[str, TaskEntry] = key(doc="a multi-task run: task name → its keys (then task and data.* are not "
-                                      "used); empty: one task", factory=dict)
+    tasks: dict[str, TaskEntry] = key(
+        doc="a multi-task run: task name → its keys (then task and data.* are not used); empty: one task", factory=dict
+    )
     mix: MixConfig = field(default_factory=MixConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """The config as YAML spells it (``from_`` is ``from``)."""
-        return {name: {_spelled(k): v for k, v in value.items()} if isinstance(value, dict) else value
-                for name, value in dataclasses.asdict(self).items()}
+        return {
+            name: {_spelled(k): v for k, v in value.items()} if isinstance(value, dict) else value
+            for name, value in dataclasses.asdict(self).items()
+        }
 
 
 def _attribute(key: str) -> str:
@@ -253,8 +334,10 @@ def key_table() -> str:
         if meta.get("auto"):
             allowed += " or auto"
         shown = "null" if default is None else json.dumps(default)
-        lines.append(f"| `{name}` | `{shown}` | {allowed} | {'yes' if meta.get('resume_safe') else ''} "
-                     f"| {meta.get('doc', '').replace('|', chr(92) + '|')} |")
+        lines.append(
+            f"| `{name}` | `{shown}` | {allowed} | {'yes' if meta.get('resume_safe') else ''} "
+            f"| {meta.get('doc', '').replace('|', chr(92) + '|')} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -294,8 +377,11 @@ _FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 def _coerce(value: Any, tp: Any) -> Any:
     """YAML 1.1 reads ``1e-4`` as a string and users write ``steps: 1e3``; accept both spellings."""
     wants_float = _type_ok(0.5, tp)
-    if isinstance(value, str) and wants_float and (_FLOAT.fullmatch(value) or value.strip().lower().lstrip("+-") in
-                                                   ("nan", "inf", "infinity")):
+    if (
+        isinstance(value, str)
+        and wants_float
+        and (_FLOAT.fullmatch(value) or value.strip().lower().lstrip("+-") in ("nan", "inf", "infinity"))
+    ):
         return float(value)  # NaN and inf become floats here, to be refused as not finite
     if isinstance(value, float) and not wants_float and _type_ok(1, tp) and value.is_integer():
         return int(value)
@@ -306,14 +392,14 @@ def _type_name(tp: Any) -> str:
     return str(tp).replace("typing.", "") if not isinstance(tp, type) else tp.__name__
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "", depth: int = 2) -> dict[str, Any]:
+def flatten(tree: dict[str, Any], prefix: str = "", depth: int = 2) -> dict[str, Any]:
     """Dotted keys of a (section → key → value) tree; deeper mappings stay values (and are then
     reported as the wrong type), so a nested alias bomb is never expanded."""
     flat: dict[str, Any] = {}
     for key, value in tree.items():
         dotted = f"{prefix}{key}"
         if isinstance(value, dict) and depth > 1:
-            flat.update(_flatten(value, dotted + ".", depth - 1))
+            flat.update(flatten(value, dotted + ".", depth - 1))
         else:
             flat[dotted] = value
     return flat
@@ -348,7 +434,7 @@ def build_config(values: dict[str, Any]) -> RunConfig:
         if head == "tasks":
             if not isinstance(value, dict):
                 errors.append(f"tasks: expected a mapping of task names to their keys, got {short(value)}")
-            for name, entry in (value.items() if isinstance(value, dict) else ()):
+            for name, entry in value.items() if isinstance(value, dict) else ():
                 errors.extend(_task_entry(cfg, str(name), entry))
             continue
         if head not in sections:
@@ -428,16 +514,21 @@ def get_key(cfg: RunConfig, key: str) -> Any:
 
 
 # Values that moved to another key: the error says where they went.
-MOVED = {("train.precision", "bf16-weights"): "bf16 weights are model.dtype=bfloat16 now "
-                                               "(with train.precision=fp32, or bf16 for autocast)"}
+MOVED = {
+    ("train.precision", "bf16-weights"): "bf16 weights are model.dtype=bfloat16 now "
+    "(with train.precision=fp32, or bf16 for autocast)"
+}
 
 
 def batch_size_problem(t: TrainConfig, processes: int = 1) -> str | None:
     """Why ``train.global_batch_size`` cannot be split into micro-batches over ``processes``."""
     if t.micro_batch_size <= 0 or t.global_batch_size % (t.micro_batch_size * processes) == 0:
         return None
-    split = f"train.micro_batch_size ({t.micro_batch_size})" if processes == 1 else \
-        f"train.micro_batch_size × processes ({t.micro_batch_size} × {processes})"
+    split = (
+        f"train.micro_batch_size ({t.micro_batch_size})"
+        if processes == 1
+        else f"train.micro_batch_size × processes ({t.micro_batch_size} × {processes})"
+    )
     return f"train.global_batch_size: {t.global_batch_size} is not a multiple of {split}"
 
 
@@ -454,8 +545,9 @@ def _declared_problems(section: Any, keys: dict[str, dataclasses.Field], prefix:
             errors.append(f"{where}: must be one of {', '.join(sorted(meta['choices']))}, got {short(value)}")
         elif meta.get("range") and isinstance(value, str):  # the only string a numeric key takes is auto
             if value != "auto" or not meta.get("auto"):
-                errors.append(f"{where}: must be a number {meta['range']}{' or auto' * meta['auto']}, got "
-                              f"{short(value)}")
+                errors.append(
+                    f"{where}: must be a number {meta['range']}{' or auto' * meta['auto']}, got {short(value)}"
+                )
         elif meta.get("range") and value is not None and not RANGE_TESTS[meta["range"]](value):
             errors.append(f"{where}: must be {meta['range']}, got {value}")
     return errors
@@ -470,11 +562,15 @@ def _check_values(cfg: RunConfig) -> list[str]:
     if t.steps == "auto" and t.max_minutes is None:
         errors.append("train.steps: auto trains for a time budget; set train.max_minutes too")
     if t.warmup_steps and t.steps == "auto":
-        errors.append(f"train.warmup_steps: {t.warmup_steps} with train.steps: auto, whose warmup is "
-                      "train.warmup_fraction of the budget; set one of them (the other 0)")
+        errors.append(
+            f"train.warmup_steps: {t.warmup_steps} with train.steps: auto, whose warmup is "
+            "train.warmup_fraction of the budget; set one of them (the other 0)"
+        )
     elif t.warmup_steps and t.warmup_fraction:
-        errors.append(f"train.warmup_steps: {t.warmup_steps} with train.warmup_fraction: {t.warmup_fraction}; "
-                      "set one of them (the other 0)")
+        errors.append(
+            f"train.warmup_steps: {t.warmup_steps} with train.warmup_fraction: {t.warmup_fraction}; "
+            "set one of them (the other 0)"
+        )
     if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
         errors.append(f"train.betas: must be two numbers in [0, 1), got {short(t.betas)}")
     if not cfg.out_dir:
@@ -491,16 +587,17 @@ def _check_values(cfg: RunConfig) -> list[str]:
                 errors.append(f"{key}: a multi-task run takes its data from tasks.<name>.{key.split('.')[1]}")
         weighted = [name for name, entry in cfg.tasks.items() if entry.weight is not None]
         if weighted and cfg.mix.rule != "weights":
-            errors.append(f"tasks.{weighted[0]}.weight: weights apply under mix.rule: weights "
-                          f"(it is {cfg.mix.rule})")
+            errors.append(f"tasks.{weighted[0]}.weight: weights apply under mix.rule: weights (it is {cfg.mix.rule})")
     unknown = [name for name in cfg.log.to if name not in TRACKERS]
     if unknown:
         errors.append(f"log.to: {short(unknown[0])} is not a tracker t2tune knows; choose from {', '.join(TRACKERS)}")
     if cfg.model.compute_dtype is not None:  # autocast would take the widened matmuls back to bf16
         for key in ("train.precision", "eval.precision"):
             if get_key(cfg, key) != "fp32":
-                errors.append(f"{key}: {get_key(cfg, key)} autocasts to bf16, but model.compute_dtype: "
-                              f"{cfg.model.compute_dtype} asks for fp32 compute; set {key}=fp32, or drop model.compute_dtype")
+                errors.append(
+                    f"{key}: {get_key(cfg, key)} autocasts to bf16, but model.compute_dtype: "
+                    f"{cfg.model.compute_dtype} asks for fp32 compute; set {key}=fp32, or drop model.compute_dtype"
+                )
     return errors
 
 
@@ -514,7 +611,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         tree = read_yaml(path) or {}
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of keys")
-        values = _flatten(tree)
+        values = flatten(tree)
         if isinstance(tree.get("tasks"), dict):  # task names are taken whole, dots and all
             values = {k: v for k, v in values.items() if not k.startswith("tasks.")}
             values["tasks"] = tree["tasks"]
@@ -531,6 +628,6 @@ def dump_config(cfg: RunConfig) -> str:
 def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Dotted keys whose values differ between two config dicts. A key the old config lacks
     (written by an older t2tune) is the same when the new one holds its default."""
-    a, b = _flatten(old), _flatten(new)
-    defaults = _flatten(RunConfig().to_dict())
+    a, b = flatten(old), flatten(new)
+    defaults = flatten(RunConfig().to_dict())
     return sorted(k for k in set(a) | set(b) if a.get(k, defaults.get(k)) != b.get(k))

@@ -19,14 +19,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import short
-from .errors import DataError
+from .errors import DataError, short
 from .files import parse_json
 from .tasks import Task
 
 EXTENSIONS = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
-SPLIT_FALLBACKS = {"validation": ("validation", "dev", "validation_matched", "dev_matched", "val"),
-                   "train": ("train",)}
+SPLIT_FALLBACKS = {"validation": ("validation", "dev", "validation_matched", "dev_matched", "val"), "train": ("train",)}
 Row = dict[str, Any]
 
 
@@ -46,15 +44,17 @@ def _decode_lines(path: Path) -> Iterator[str]:
             if not raw:
                 return
             if len(raw) > MAX_LINE_BYTES:
-                raise DataError(f"{path}:{number}: line longer than {MAX_LINE_BYTES >> 20} MiB; "
-                                "one example per line is expected")
+                raise DataError(
+                    f"{path}:{number}: line longer than {MAX_LINE_BYTES >> 20} MiB; one example per line is expected"
+                )
             if number == 1:
                 raw = raw.removeprefix(codecs.BOM_UTF8)
             try:
                 yield raw.decode("utf-8").rstrip("\n").rstrip("\r")
             except UnicodeDecodeError as exc:
-                raise DataError(f"{path}:{number}: not UTF-8 text (byte {exc.start + 1} of the line); "
-                                "re-encode the file as UTF-8") from None
+                raise DataError(
+                    f"{path}:{number}: not UTF-8 text (byte {exc.start + 1} of the line); re-encode the file as UTF-8"
+                ) from None
 
 
 def read_jsonl(path: Path) -> list[Row]:
@@ -94,8 +94,9 @@ def _checked_rows(path: Path, reader: csv.DictReader) -> list[Row]:
             raise DataError(f"{path}:{number}: more fields than the header's {len(reader.fieldnames)}")
         missing = [k for k, v in row.items() if v is None]
         if missing:
-            raise DataError(f"{path}:{number}: missing column(s) {', '.join(missing)} "
-                            f"(the line has fewer fields than the header)")
+            raise DataError(
+                f"{path}:{number}: missing column(s) {', '.join(missing)} (the line has fewer fields than the header)"
+            )
         row["_where"] = f"{path}:{number}"
         rows.append(row)
     return rows
@@ -142,8 +143,10 @@ def resolve_local(source: str, split: str) -> Path | None:
         for name in (split, *SPLIT_FALLBACKS.get(split, ())):
             found = [path / f"{name}{ext}" for ext in EXTENSIONS if (path / f"{name}{ext}").is_file()]
             if len(found) > 1:
-                raise DataError(f"{path}: several {name} files ({', '.join(p.name for p in found)}); "
-                                "keep one, or name the file itself")
+                raise DataError(
+                    f"{path}: several {name} files ({', '.join(p.name for p in found)}); "
+                    "keep one, or name the file itself"
+                )
             if found:
                 return found[0]
         raise DataError(f"{path}: no {split} file in this folder (expected {split}.jsonl, .csv, .tsv or .parquet)")
@@ -186,10 +189,13 @@ def load_hub(dataset_id: str, config: str | None, split: str) -> list[Row]:
 
     import datasets
 
-    # the hub client logs every retry; the one error below says all that matters
-    for name in ("huggingface_hub", "datasets"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    # the hub client logs every retry; the one error below says all that matters (their levels
+    # are put back afterwards)
+    loggers = [logging.getLogger(name) for name in ("huggingface_hub", "datasets")]
+    levels = [logger.level for logger in loggers]
     try:
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
         with _offline_hub_if_unreachable():
             ds = datasets.load_dataset(dataset_id, config, split=split)
     except Exception as exc:  # network, auth and missing-dataset errors all end here
@@ -197,7 +203,11 @@ def load_hub(dataset_id: str, config: str | None, split: str) -> list[Row]:
         raise DataError(
             f"could not load '{dataset_id}' ({config or 'default'}, split {split}) from the Hugging Face hub: "
             f"{first[:200]}. Without network, pass local data: data.train=DIR_OR_FILE "
-            "data.validation=DIR_OR_FILE (with make: make demo DATA=../shared/data/mnli)") from None
+            "data.validation=DIR_OR_FILE (with make: make demo DATA=../shared/data/mnli)"
+        ) from None
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
     rows = [dict(r) for r in ds]
     for number, row in enumerate(rows):
         row["_where"] = f"{dataset_id}[{split}] row {number}"
@@ -233,8 +243,9 @@ def prepare_rows(task: Task, rows: list[Row], need_target: bool = True) -> list[
         for name in task.input_fields:
             value = row.get(name)
             if value is None:
-                raise DataError(f"{where}: missing column '{name}' (task {task.name} needs "
-                                f"{', '.join(task.input_fields)})")
+                raise DataError(
+                    f"{where}: missing column '{name}' (task {task.name} needs {', '.join(task.input_fields)})"
+                )
             if not isinstance(value, str):
                 value = row[name] = str(value)
             if not value.strip():
@@ -274,8 +285,10 @@ def _label_word(task: Task, value: Any, where: str) -> str:
     if isinstance(value, bool):  # only as the label word "true" / "false": which of yes/no is True?
         word = [label for label in labels if label.lower() == str(value).lower()]
         if not word:
-            raise DataError(f"{where}: label {value} is a boolean, and task {task.name}'s labels "
-                            f"({', '.join(labels)}) hold no word true/false; write the label word, or its index")
+            raise DataError(
+                f"{where}: label {value} is a boolean, and task {task.name}'s labels "
+                f"({', '.join(labels)}) hold no word true/false; write the label word, or its index"
+            )
         return word[0]
     text = value.strip() if isinstance(value, str) else str(value) if isinstance(value, int) else None
     if text is not None and text in labels:
@@ -286,14 +299,24 @@ def _label_word(task: Task, value: Any, where: str) -> str:
         if 0 <= index < len(labels):
             return labels[index]
         shown = text if len(text) < 24 else text[:20] + "..."
-        raise DataError(f"{where}: label index {shown} out of range for task {task.name} "
-                        f"(0..{len(labels) - 1} = {', '.join(labels)})")
-    raise DataError(f"{where}: unknown label {short(value, 40)} for task {task.name} (expected one of "
-                    f"{', '.join(labels)}{'' if numeral_labels else ', or an index from 0'})")
+        raise DataError(
+            f"{where}: label index {shown} out of range for task {task.name} "
+            f"(0..{len(labels) - 1} = {', '.join(labels)})"
+        )
+    raise DataError(
+        f"{where}: unknown label {short(value, 40)} for task {task.name} (expected one of "
+        f"{', '.join(labels)}{'' if numeral_labels else ', or an index from 0'})"
+    )
 
 
-def load_examples(task: Task, source: str, split: str, hub_config: str | None = None,
-                  limit: int | None = None, need_target: bool = True) -> list[Row]:
+def load_examples(
+    task: Task,
+    source: str,
+    split: str,
+    hub_config: str | None = None,
+    limit: int | None = None,
+    need_target: bool = True,
+) -> list[Row]:
     rows = load_rows(source, split, hub_config)
     if limit is not None:
         rows = rows[:limit]

@@ -21,9 +21,11 @@ def is_sharded(processes: Any) -> bool:
     return processes.distributed_type.name in SHARDED
 
 
-ENGINE_DEVICES = {"FSDP": "FSDP needs GPUs; use DeepSpeed ZeRO-3 or DDP (accelerate launch --multi_gpu) on CPU",
-                  "DEEPSPEED": "DeepSpeed did not set up its processes; is the deepspeed package installed?",
-                  "NO": "the processes did not join one group; use accelerate launch --multi_gpu for DDP"}
+ENGINE_DEVICES = {
+    "FSDP": "FSDP needs GPUs; use DeepSpeed ZeRO-3 or DDP (accelerate launch --multi_gpu) on CPU",
+    "DEEPSPEED": "DeepSpeed did not set up its processes; is the deepspeed package installed?",
+    "NO": "the processes did not join one group; use accelerate launch --multi_gpu for DDP",
+}
 
 
 def process_state() -> Any:
@@ -38,8 +40,9 @@ def process_state() -> Any:
     process = PartialState(cpu=cpu_only(), **({"backend": "gloo"} if gloo else {}))
     requested, running = _requested_engine(), process.distributed_type.name
     if launched > process.num_processes:
-        raise UserError(f"the launcher started {launched} processes but {process.num_processes} joined: "
-                        f"{ENGINE_DEVICES[requested]}")
+        raise UserError(
+            f"the launcher started {launched} processes but {process.num_processes} joined: {ENGINE_DEVICES[requested]}"
+        )
     if requested != "NO" and requested != running:  # never a quiet fallback to another engine
         raise UserError(f"accelerate launch asked for {requested} but {running} started: {ENGINE_DEVICES[requested]}")
     return process
@@ -68,8 +71,10 @@ def fill_deepspeed_config(accelerator: Any, train: Any, accumulation: int) -> No
         return
     ds = plugin.deepspeed_config
     ds["gradient_accumulation_steps"] = plugin.gradient_accumulation_steps = accumulation
-    for key, value in (("train_micro_batch_size_per_gpu", train.micro_batch_size),
-                       ("gradient_clipping", train.grad_clip or 0.0)):
+    for key, value in (
+        ("train_micro_batch_size_per_gpu", train.micro_batch_size),
+        ("gradient_clipping", train.grad_clip or 0.0),
+    ):
         if ds.get(key, "auto") == "auto":
             ds[key] = value
     ds.setdefault("zero_allow_untested_optimizer", True)

@@ -33,4 +33,4 @@ def short(value: Any, width: int = 60) -> str:
     shortener = reprlib.Repr()
     shortener.maxlevel, shortener.maxlist, shortener.maxdict, shortener.maxstring = 2, 4, 4, width
     text = shortener.repr(value)
-    return text if len(text) <= width else text[:width - 3] + "..."
+    return text if len(text) <= width else text[: width - 3] + "..."

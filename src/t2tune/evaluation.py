@@ -61,20 +61,34 @@ class EvalResult:
         """The flat summary line: headline numbers first, nested breakdowns left out."""
         n = len(self.records)
         flat = {k: v for k, v in self.metrics.items() if not isinstance(v, dict)}
-        return {"task": task.name, "n": n, **flat, "invalid": self.metrics.get("invalid", 0),
-                "examples_per_s": round(n / self.seconds, 3) if self.seconds else None, "mode": mode,
-                "seconds": round(self.seconds, 3)}
+        return {
+            "task": task.name,
+            "n": n,
+            **flat,
+            "invalid": self.metrics.get("invalid", 0),
+            "examples_per_s": round(n / self.seconds, 3) if self.seconds else None,
+            "mode": mode,
+            "seconds": round(self.seconds, 3),
+        }
 
 
 def _batches_by_length(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
 
 
 @torch.no_grad()
-def generate_texts(model: Any, tokenizer: Any, prompt_ids: Sequence[list[int]], max_new_tokens: int,
-                   batch_size: int, precision: str = "fp32", stats: dict[str, int] | None = None,
-                   batches: list[list[int]] | None = None, synced: bool = False) -> list[str]:
+def generate_texts(
+    model: Any,
+    tokenizer: Any,
+    prompt_ids: Sequence[list[int]],
+    max_new_tokens: int,
+    batch_size: int,
+    precision: str = "fp32",
+    stats: dict[str, int] | None = None,
+    batches: list[list[int]] | None = None,
+    synced: bool = False,
+) -> list[str]:
     """Greedy continuations (decoded, special tokens kept so EOS can be cut) in input order.
     With ``bf16-checked``, ``stats["rechecked_fp32"]`` counts the rows redone in fp32.
     ``batches`` (index lists) replaces the length-sorted batching, e.g. with one process's share;
@@ -90,30 +104,50 @@ def generate_texts(model: Any, tokenizer: Any, prompt_ids: Sequence[list[int]], 
         mask = torch.zeros((len(batch), width), dtype=torch.long)
         for row, i in enumerate(batch):
             n = len(prompt_ids[i])
-            ids[row, width - n:] = torch.tensor(prompt_ids[i])  # left padding
-            mask[row, width - n:] = 1
+            ids[row, width - n :] = torch.tensor(prompt_ids[i])  # left padding
+            mask[row, width - n :] = 1
         with precision_context(_autocast_precision(precision), device):
-            generated = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                                       max_new_tokens=max_new_tokens, eos_token_id=eos_id,
-                                       pad_token_id=pad_id, num_beams=1, temperature=None, top_p=None, top_k=None,
-                                       output_scores=checked, return_dict_in_generate=checked,
-                                       synced_gpus=synced)
+            generated = model.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=eos_id,
+                pad_token_id=pad_id,
+                num_beams=1,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                output_scores=checked,
+                return_dict_in_generate=checked,
+                synced_gpus=synced,
+            )
         if checked:
             unsure.extend(batch[row] for row in _close_calls(generated, width, eos_id))
             generated = generated.sequences
         for row, i in enumerate(batch):
             new = generated[row, width:].tolist()
             if tokenizer.eos_token_id in new:  # drop the padding generate adds after EOS
-                new = new[:new.index(tokenizer.eos_token_id) + 1]
+                new = new[: new.index(tokenizer.eos_token_id) + 1]
             out[i] = tokenizer.decode(new, skip_special_tokens=False)
     if checked:
-        _redo_in_fp32(out, unsure, lambda subset: generate_texts(model, tokenizer, subset, max_new_tokens,
-                                                                 batch_size), prompt_ids, stats)
+        _redo_in_fp32(
+            out,
+            unsure,
+            lambda subset: generate_texts(model, tokenizer, subset, max_new_tokens, batch_size),
+            prompt_ids,
+            stats,
+        )
     return out
 
 
-def _redo_in_fp32(results: list[Any], unsure: list[int], run_fp32: Callable[[list[list[int]]], list[Any]],
-                  prompt_ids: Sequence[list[int]], stats: dict[str, int] | None) -> None:
+def _redo_in_fp32(
+    results: list[Any],
+    unsure: list[int],
+    run_fp32: Callable[[list[list[int]]], list[Any]],
+    prompt_ids: Sequence[list[int]],
+    stats: dict[str, int] | None,
+) -> None:
     """bf16-checked's second pass: replace the close calls' results by an fp32 run over their
     prompts, and count them in ``stats["rechecked_fp32"]``."""
     if unsure:
@@ -135,17 +169,25 @@ def _close_calls(generated: Any, width: int, eos_id: int) -> list[int]:
 
 
 @torch.no_grad()
-def score_labels(model: Any, tokenizer: Any, prompt_ids: Sequence[list[int]], labels: Sequence[str],
-                 batch_size: int, precision: str = "fp32", stats: dict[str, int] | None = None,
-                 batches: list[list[int]] | None = None) -> list[list[float]]:
+def score_labels(
+    model: Any,
+    tokenizer: Any,
+    prompt_ids: Sequence[list[int]],
+    labels: Sequence[str],
+    batch_size: int,
+    precision: str = "fp32",
+    stats: dict[str, int] | None = None,
+    batches: list[list[int]] | None = None,
+) -> list[list[float]]:
     """Total log-likelihood of every label (with EOS) after every prompt, one forward per prompt.
     With ``bf16-checked``, prompts whose two best labels are within CHECK_MARGIN are rescored in fp32.
     ``batches`` as for :func:`generate_texts` (rows outside them get no scores)."""
     if precision == "bf16-checked":
         scores = score_labels(model, tokenizer, prompt_ids, labels, batch_size, "bf16", batches=batches)
         unsure = [i for i, row in enumerate(scores) if len(row) > 1 and _gap(row) < CHECK_MARGIN]
-        _redo_in_fp32(scores, unsure, lambda subset: score_labels(model, tokenizer, subset, labels, batch_size),
-                      prompt_ids, stats)
+        _redo_in_fp32(
+            scores, unsure, lambda subset: score_labels(model, tokenizer, subset, labels, batch_size), prompt_ids, stats
+        )
         return scores
     device = next(model.parameters()).device
     conts = answer_ids(tokenizer, labels)  # each label as trained
@@ -166,10 +208,10 @@ def score_labels(model: Any, tokenizer: Any, prompt_ids: Sequence[list[int]], la
             start, spans = n, []
             for cont in conts:
                 k = len(cont)
-                ids[row, start:start + k] = torch.tensor(cont)
-                pos[row, start:start + k] = torch.arange(n, n + k)
-                allow[row, start:start + k, :n] = True
-                allow[row, start:start + k, start:start + k] = torch.ones(k, k, dtype=torch.bool).tril()
+                ids[row, start : start + k] = torch.tensor(cont)
+                pos[row, start : start + k] = torch.arange(n, n + k)
+                allow[row, start : start + k, :n] = True
+                allow[row, start : start + k, start : start + k] = torch.ones(k, k, dtype=torch.bool).tril()
                 spans.append((start, cont))
                 start += k
             where.append(spans)
@@ -185,14 +227,20 @@ def score_labels(model: Any, tokenizer: Any, prompt_ids: Sequence[list[int]], la
                 cols.extend([n - 1] + list(range(start, start + len(cont) - 1)))
                 targets.extend(cont)
         with precision_context(precision, device):
-            logits = _logits_at(model, ids.to(device), pos.to(device), mask.to(device),
-                                torch.tensor(rows_, device=device), torch.tensor(cols, device=device))
+            logits = _logits_at(
+                model,
+                ids.to(device),
+                pos.to(device),
+                mask.to(device),
+                torch.tensor(rows_, device=device),
+                torch.tensor(cols, device=device),
+            )
         picked = torch.log_softmax(logits.float(), dim=-1)[torch.arange(len(targets)), torch.tensor(targets)].cpu()
         offset = 0
         for row, i in enumerate(batch):
             totals = []
             for _, cont in where[row]:
-                totals.append(float(picked[offset:offset + len(cont)].sum()))
+                totals.append(float(picked[offset : offset + len(cont)].sum()))
                 offset += len(cont)
             scores[i] = totals
     return scores
@@ -203,8 +251,9 @@ def _gap(scores: list[float]) -> float:
     return best - second
 
 
-def _logits_at(model: Any, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor,
-               cols: torch.Tensor) -> torch.Tensor:
+def _logits_at(
+    model: Any, ids: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor
+) -> torch.Tensor:
     """Output logits at (rows, cols) only: the decoder runs once, the output layer only where a
     label token is scored ((N, V) instead of (B, T, V))."""
     split = decoder_and_head(model)
@@ -231,9 +280,17 @@ def share(batches: list[list[int]], rank: int, world: int) -> tuple[list[list[in
     return padded, [i for batch in mine for i in batch]
 
 
-def evaluate(model: Any, tokenizer: Any, task: Task, rows: Sequence[dict[str, Any]],
-             config: EvalConfig | None = None, with_metrics: bool = True, processes: Any = None,
-             targets: Sequence[str] | None = None, **settings: Any) -> EvalResult:
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    task: Task,
+    rows: Sequence[dict[str, Any]],
+    config: EvalConfig | None = None,
+    with_metrics: bool = True,
+    processes: Any = None,
+    targets: Sequence[str] | None = None,
+    **settings: Any,
+) -> EvalResult:
     """Predict every row and (when rows have targets) compute the task's metrics.
 
     ``config`` (default: ``EvalConfig()``) gives mode, max_new_tokens, batch_size, seq_len and
@@ -247,15 +304,20 @@ def evaluate(model: Any, tokenizer: Any, task: Task, rows: Sequence[dict[str, An
     world = processes.num_processes if processes is not None else 1
     sharded = processes is not None and is_sharded(processes)
     if sharded and precision == "bf16-checked":
-        raise ConfigError("eval.precision: bf16-checked redoes a different number of rows on each process, which "
-                          "sharded weights (FSDP, DeepSpeed) cannot do; use bf16 or fp32")
+        raise ConfigError(
+            "eval.precision: bf16-checked redoes a different number of rows on each process, which "
+            "sharded weights (FSDP, DeepSpeed) cannot do; use bf16 or fp32"
+        )
     if mode == "score" and not task.is_label_task:
-        raise ConfigError(f"eval.mode: score mode needs a label task; '{task.name}' has free-text answers, "
-                          "use --mode generate")
+        raise ConfigError(
+            f"eval.mode: score mode needs a label task; '{task.name}' has free-text answers, use --mode generate"
+        )
     weights = next(model.parameters()).dtype
     if precision == "bf16-checked" and weights != torch.float32:
-        raise ConfigError("precision bf16-checked redoes close calls in fp32, but the model's weights are "
-                          f"{weights}; load it in float32 or use --precision bf16")
+        raise ConfigError(
+            "precision bf16-checked redoes close calls in fp32, but the model's weights are "
+            f"{weights}; load it in float32 or use --precision bf16"
+        )
     was_training = model.training
     model.eval()
     start = time.perf_counter()
@@ -273,26 +335,39 @@ def evaluate(model: Any, tokenizer: Any, task: Task, rows: Sequence[dict[str, An
     records = []
     stats: dict[str, int] = {}
     if mode == "generate":
-        texts = generate_texts(model, tokenizer, prompt_ids, max_new_tokens, batch_size, precision, stats,
-                               batches=batches, synced=sharded)
+        texts = generate_texts(
+            model, tokenizer, prompt_ids, max_new_tokens, batch_size, precision, stats, batches=batches, synced=sharded
+        )
         if world > 1:
             texts, stats = _gathered(texts, owned, stats)
         for row, text in zip(rows, texts):
-            records.append({**public_fields(row), "generated": text,
-                            "prediction": task.postprocess(text, tokenizer.eos_token),
-                            "truncated": tokenizer.eos_token not in text})
+            records.append(
+                {
+                    **public_fields(row),
+                    "generated": text,
+                    "prediction": task.postprocess(text, tokenizer.eos_token),
+                    "truncated": tokenizer.eos_token not in text,
+                }
+            )
         stats["truncated"] = sum(r["truncated"] for r in records)
         stats["max_new_tokens"] = max_new_tokens
     else:
-        all_scores = score_labels(model, tokenizer, prompt_ids, task.labels, batch_size, precision, stats,
-                                  batches=batches)
+        all_scores = score_labels(
+            model, tokenizer, prompt_ids, task.labels, batch_size, precision, stats, batches=batches
+        )
         if world > 1:
             all_scores, stats = _gathered(all_scores, owned, stats)
         for row, scores in zip(rows, all_scores):
             best = max(range(len(scores)), key=scores.__getitem__)
             probabilities = torch.tensor(scores, dtype=torch.float64).softmax(0).tolist()  # over the labels
-            records.append({**public_fields(row), "scores": dict(zip(task.labels, scores)),
-                            "probabilities": dict(zip(task.labels, probabilities)), "prediction": task.labels[best]})
+            records.append(
+                {
+                    **public_fields(row),
+                    "scores": dict(zip(task.labels, scores)),
+                    "probabilities": dict(zip(task.labels, probabilities)),
+                    "prediction": task.labels[best],
+                }
+            )
     stats["prompts_cut"] = cut
     seconds = time.perf_counter() - start
     model.train(was_training)
@@ -304,16 +379,25 @@ def evaluate(model: Any, tokenizer: Any, task: Task, rows: Sequence[dict[str, An
             record["label"] = ref[0] if len(ref) == 1 else ref
         metrics = compute_metrics(task, [r["prediction"] for r in records], refs, ec.entity_parsing)
         if mode == "score":
-            metrics.update(calibration_metrics([list(r["probabilities"].values()) for r in records],
-                                               [r["prediction"] for r in records], [ref[0] for ref in refs]))
+            metrics.update(
+                calibration_metrics(
+                    [list(r["probabilities"].values()) for r in records],
+                    [r["prediction"] for r in records],
+                    [ref[0] for ref in refs],
+                )
+            )
     if main and stats.get("truncated"):
-        say(f"warning: {stats['truncated']} of {len(records)} generations reached max_new_tokens={max_new_tokens} "
+        say(
+            f"warning: {stats['truncated']} of {len(records)} generations reached max_new_tokens={max_new_tokens} "
             "without their end-of-text token, so their answers may be cut off; raise eval.max_new_tokens "
-            "(--max-new-tokens)")
+            "(--max-new-tokens)"
+        )
     if main and cut:
-        say(f"warning: {cut} of {len(records)} prompts were longer than the {budget} tokens that eval.seq_len="
+        say(
+            f"warning: {cut} of {len(records)} prompts were longer than the {budget} tokens that eval.seq_len="
             f"{ec.seq_len} leaves for them and were cut from the left (counted as prompts_cut); raise eval.seq_len "
-            "(--seq-len)")
+            "(--seq-len)"
+        )
     return EvalResult({**metrics, **stats}, records, seconds)
 
 
@@ -333,16 +417,20 @@ def _room_after_prompt(task: Task, tokenizer: Any, mode: str, max_new_tokens: in
     cut to nothing would be a wrong result."""
     if mode == "generate":
         if max_new_tokens >= seq_len:
-            raise ConfigError(f"eval.max_new_tokens (--max-new-tokens): {max_new_tokens} generated tokens leave "
-                              f"no room for the prompt in eval.seq_len (--seq-len) {seq_len}; raise eval.seq_len "
-                              "or lower eval.max_new_tokens")
+            raise ConfigError(
+                f"eval.max_new_tokens (--max-new-tokens): {max_new_tokens} generated tokens leave "
+                f"no room for the prompt in eval.seq_len (--seq-len) {seq_len}; raise eval.seq_len "
+                "or lower eval.max_new_tokens"
+            )
         return max_new_tokens
     labels = task.labels or ()
     tokens = sum(map(len, answer_ids(tokenizer, labels)))
     if tokens >= seq_len:
-        raise ConfigError(f"eval.seq_len (--seq-len): score mode puts all {len(labels)} labels ({tokens} tokens) after "
-                          f"each prompt, which leaves no room for the prompt in {seq_len} tokens; raise eval.seq_len "
-                          "or use generate mode")
+        raise ConfigError(
+            f"eval.seq_len (--seq-len): score mode puts all {len(labels)} labels ({tokens} tokens) after "
+            f"each prompt, which leaves no room for the prompt in {seq_len} tokens; raise eval.seq_len "
+            "or use generate mode"
+        )
     return tokens
 
 
@@ -358,19 +446,29 @@ def _score_rows_per_pass(model: Any, tokenizer: Any, task: Task, seq_len: int, b
     tokens = sum(map(len, answer_ids(tokenizer, task.labels or ())))
     per_row = seq_len * seq_len * 5 + tokens * vocab * 4 * 3  # bool + float mask; logits, float copy, log-softmax
     if per_row > SCORE_PASS_BYTES:
-        raise ConfigError(f"eval.mode: score mode with {len(task.labels or ())} labels ({tokens} tokens) needs about "
-                          f"{per_row / 2**30:.1f} GiB per prompt (more than {SCORE_PASS_BYTES >> 30} GiB); "
-                          "use generate mode (--mode generate), or fewer labels")
+        raise ConfigError(
+            f"eval.mode: score mode with {len(task.labels or ())} labels ({tokens} tokens) needs about "
+            f"{per_row / 2**30:.1f} GiB per prompt (more than {SCORE_PASS_BYTES >> 30} GiB); "
+            "use generate mode (--mode generate), or fewer labels"
+        )
     return max(1, min(batch_size, SCORE_PASS_BYTES // per_row))
 
 
-def _auto_length(task: Task, tokenizer: Any, rows: Sequence[dict[str, Any]], targets: Sequence[str] | None,
-                 seq_len: int, prompt_ids: Sequence[list[int]]) -> int:
+def _auto_length(
+    task: Task,
+    tokenizer: Any,
+    rows: Sequence[dict[str, Any]],
+    targets: Sequence[str] | None,
+    seq_len: int,
+    prompt_ids: Sequence[list[int]],
+) -> int:
     """``max_new_tokens: auto`` for these rows (see :func:`t2tune.tokenize.generation_length`)."""
     if targets is None and not task.is_label_task:
         if not rows or not _has_targets(task, rows[0]):
-            raise ConfigError("eval.max_new_tokens: auto measures the answers of training data or labelled rows, "
-                              "and these rows have none; give a number (--max-new-tokens N)")
+            raise ConfigError(
+                "eval.max_new_tokens: auto measures the answers of training data or labelled rows, "
+                "and these rows have none; give a number (--max-new-tokens N)"
+            )
         targets = [answer for row in rows for answer in task.references(row)]
     longest_prompt = max((len(p) for p in prompt_ids), default=0)
     return generation_length(task, tokenizer, targets or [], seq_len, longest_prompt)

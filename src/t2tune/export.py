@@ -28,13 +28,22 @@ from typing import Any
 import torch
 
 from .checkpoint import save_hf, set_generation_ids
-from .runfolder import check_export_target
 from .errors import UserError
 from .files import atomic_dir, files_below, write_marker
+from .runfolder import check_export_target
 
 SHARD_BYTES = 2 * 1024**3  # the hub's GPT-J shards are ~1-10 GB; 2 GB keeps each file easy to move
-_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
-                       torch.int64: "I64", torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+_SAFETENSORS_DTYPES = {
+    torch.float32: "F32",
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 PEFT_PREFIX = "base_model.model."
 
 Producer = Callable[[], torch.Tensor]
@@ -45,8 +54,9 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def write_safetensors(folder: Path, tensors: dict[str, tuple[torch.Tensor, Producer]],
-                      shard_bytes: int = SHARD_BYTES) -> list[str]:
+def write_safetensors(
+    folder: Path, tensors: dict[str, tuple[torch.Tensor, Producer]], shard_bytes: int = SHARD_BYTES
+) -> list[str]:
     """Write ``tensors`` (name → (a tensor of the output's shape and dtype, the function that
     makes the output)) as safetensors shards into ``folder``, one tensor in memory at a time.
     Returns the file names written.
@@ -69,16 +79,21 @@ def write_safetensors(folder: Path, tensors: dict[str, tuple[torch.Tensor, Produ
         shards[-1].append(name)
         size += _nbytes(like)
     many = len(shards) > 1
-    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" if many else "model.safetensors"
-             for i in range(len(shards))]
+    names = [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" if many else "model.safetensors"
+        for i in range(len(shards))
+    ]
     weight_map: dict[str, str] = {}
     for file, members in zip(names, shards):
         header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
         offset = 0
         for name in members:
             like = tensors[name][0]
-            header[name] = {"dtype": _SAFETENSORS_DTYPES[like.dtype], "shape": list(like.shape),
-                            "data_offsets": [offset, offset + _nbytes(like)]}
+            header[name] = {
+                "dtype": _SAFETENSORS_DTYPES[like.dtype],
+                "shape": list(like.shape),
+                "data_offsets": [offset, offset + _nbytes(like)],
+            }
             offset += _nbytes(like)
             weight_map[name] = file
         raw = json.dumps(header, separators=(",", ":")).encode()
@@ -89,8 +104,10 @@ def write_safetensors(folder: Path, tensors: dict[str, tuple[torch.Tensor, Produ
                 like, make = tensors[name]
                 tensor = make().detach().to("cpu").contiguous()
                 if tensor.shape != like.shape or tensor.dtype != like.dtype:
-                    raise RuntimeError(f"export: {name} came out {tuple(tensor.shape)} {tensor.dtype}, "
-                                       f"planned {tuple(like.shape)} {like.dtype}")
+                    raise RuntimeError(
+                        f"export: {name} came out {tuple(tensor.shape)} {tensor.dtype}, "
+                        f"planned {tuple(like.shape)} {like.dtype}"
+                    )
                 if tensor.numel():
                     out.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
                 del tensor
@@ -154,8 +171,9 @@ class ShardReader:
         return torch.frombuffer(data, dtype=dtype).reshape(shape)
 
 
-def _merged(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float,
-            loss: MergeLoss | None = None) -> torch.Tensor:
+def _merged(
+    weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, loss: MergeLoss | None = None
+) -> torch.Tensor:
     """``W + scale · B @ A`` in fp32, rounded once to W's dtype."""
     update = scale * (b.float() @ a.float())
     merged = (weight.float() + update).to(weight.dtype)
@@ -164,14 +182,18 @@ def _merged(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float
     return merged
 
 
-def lora_merged_tensors(peft_model: Any, weights: dict[str, torch.Tensor] | None = None,
-                        loss: MergeLoss | None = None) -> dict[str, tuple[torch.Tensor, Producer]]:
+def lora_merged_tensors(
+    peft_model: Any, weights: dict[str, torch.Tensor] | None = None, loss: MergeLoss | None = None
+) -> dict[str, tuple[torch.Tensor, Producer]]:
     """The base model's tensors with every LoRA pair merged in, keyed as the base model names
     them, each made only when asked for. ``weights``: a full peft state dict gathered from a
     sharded engine (the model object then holds only a shard); by default the live model's.
     ``loss`` gathers what rounding takes from the update (:class:`MergeLoss`)."""
-    state = weights if weights is not None else {PEFT_PREFIX + k: v for k, v in
-                                                 peft_model.get_base_model().state_dict().items()}
+    state = (
+        weights
+        if weights is not None
+        else {PEFT_PREFIX + k: v for k, v in peft_model.get_base_model().state_dict().items()}
+    )
     wide = dequantized(peft_model.get_base_model()) if weights is None else {}
     packed = tuple(f"{name}." for name in wide)  # a 4-bit weight's quantization state: not exported
     out: dict[str, tuple[torch.Tensor, Producer]] = {}
@@ -229,8 +251,14 @@ def _untied(tensors: dict[str, tuple[torch.Tensor, Producer]], model: Any) -> di
     return {k: v for k, v in tensors.items() if k in kept}
 
 
-def save_full(model: Any, tokenizer: Any, folder: Path, merge: bool = True,
-              weights: dict[str, Any] | None = None, loss: MergeLoss | None = None) -> None:
+def save_full(
+    model: Any,
+    tokenizer: Any,
+    folder: Path,
+    merge: bool = True,
+    weights: dict[str, Any] | None = None,
+    loss: MergeLoss | None = None,
+) -> None:
     """Write ``model`` as a Hugging Face folder of full weights: config, generation config,
     tokenizer and safetensors shards (LoRA merged when ``merge``; an adapter folder otherwise).
     ``weights``: full weights gathered from a sharded engine; ``loss``: see :class:`MergeLoss`."""
@@ -264,9 +292,17 @@ def save_hf_extras(model: Any, tokenizer: Any, folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def export(model: Any, tokenizer: Any, out: Path, merge: bool = True, card: str | Callable[[Any], str] | None = None,
-           what: str = "export", weights: dict[str, Any] | None = None,
-           check: Callable[[Path], Any] | None = None, loss: MergeLoss | None = None) -> Any:
+def export(
+    model: Any,
+    tokenizer: Any,
+    out: Path,
+    merge: bool = True,
+    card: str | Callable[[Any], str] | None = None,
+    what: str = "export",
+    weights: dict[str, Any] | None = None,
+    check: Callable[[Path], Any] | None = None,
+    loss: MergeLoss | None = None,
+) -> Any:
     """Write a Hugging Face folder atomically; peft adapters are merged unless ``merge`` is False.
     ``weights`` are full weights gathered from a sharded engine (the model object holds only a
     shard). ``check(folder)`` inspects the written folder before it is renamed into place (the
@@ -285,10 +321,24 @@ def export(model: Any, tokenizer: Any, out: Path, merge: bool = True, card: str 
     return report
 
 
-def export_run(model: Any, tokenizer: Any, out: Path, cfg: Any, tasks: list[Any], state: Any,
-               exported: dict[str, Any], why: str, *, base_name: str | None = None, merge: bool = True,
-               weights: dict[str, Any] | None = None, check: Callable[[Path], Any] | None = None,
-               loss: MergeLoss | None = None, what: str = "export", hint: str = "") -> Any:
+def export_run(
+    model: Any,
+    tokenizer: Any,
+    out: Path,
+    cfg: Any,
+    tasks: list[Any],
+    state: Any,
+    exported: dict[str, Any],
+    why: str,
+    *,
+    base_name: str | None = None,
+    merge: bool = True,
+    weights: dict[str, Any] | None = None,
+    check: Callable[[Path], Any] | None = None,
+    loss: MergeLoss | None = None,
+    what: str = "export",
+    hint: str = "",
+) -> Any:
     """The one export of a run's weights, for the recipe at the end of training and for
     ``t2tune export`` of a checkpoint alike: the Hugging Face folder (:func:`export`) with its
     model card, which names every task of the run, the exported step's validation
@@ -300,8 +350,7 @@ def export_run(model: Any, tokenizer: Any, out: Path, cfg: Any, tasks: list[Any]
         return model_card(cfg, tasks, base_name or cfg.model.name, state, exported, why, report)
 
     try:
-        return export(model, tokenizer, out, merge=merge, card=card, what=what, weights=weights, check=check,
-                      loss=loss)
+        return export(model, tokenizer, out, merge=merge, card=card, what=what, weights=weights, check=check, loss=loss)
     except OSError as exc:
         raise UserError(f"{out}: could not write the export ({exc.strerror}){hint}") from None
 
@@ -313,5 +362,7 @@ def exported_line(state: Any, exported: dict[str, Any], best_key: str, export_fr
         return f"Exported weights: step {step}, the last (no validation ran)."
     if export_from == "last":
         return f"Exported weights: step {step}, the last (export.from: last)."
-    return (f"Exported weights: step {step} of {state.optimizer_step}, the best validation {best_key} "
-            f"({state.best[best_key]:.4f}; export.from: best).")
+    return (
+        f"Exported weights: step {step} of {state.optimizer_step}, the best validation {best_key} "
+        f"({state.best[best_key]:.4f}; export.from: best)."
+    )

@@ -85,8 +85,9 @@ def open_inside(path: Path, mode: str = "r") -> IO[str]:
     """Open a text file in a folder t2tune did not just create, never through a symbolic link
     (``O_NOFOLLOW``): a link planted there is a UserError, and its target is untouched.
     ``mode``: ``r``, ``a`` (append, created if missing) or ``a+`` (read and append)."""
-    flags = {"r": os.O_RDONLY, "a": os.O_WRONLY | os.O_APPEND | os.O_CREAT,
-             "a+": os.O_RDWR | os.O_APPEND | os.O_CREAT}[mode]
+    flags = {"r": os.O_RDONLY, "a": os.O_WRONLY | os.O_APPEND | os.O_CREAT, "a+": os.O_RDWR | os.O_APPEND | os.O_CREAT}[
+        mode
+    ]
     try:
         fd = os.open(path, flags | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644)
     except OSError as exc:
@@ -201,6 +202,7 @@ def atomic_dir(final: Path, replace: bool = True) -> Iterator[Path]:
 
 # --- ownership ---------------------------------------------------------------------------
 
+
 def read_marker(folder: Path) -> dict[str, Any] | None:
     """The marker of a folder t2tune created, or None (no marker, or not one t2tune wrote)."""
     try:
@@ -257,13 +259,14 @@ def check_replaceable(folder: Path, kind: str, what: str, known_as: str | None =
             found = f"a t2tune {marker['kind']} folder"
         else:
             found = "a folder t2tune did not create"
-        raise UserError(f"{what}: {folder} is {found}, not a t2tune {kind}; nothing was changed, "
-                        "choose another path")
+        raise UserError(f"{what}: {folder} is {found}, not a t2tune {kind}; nothing was changed, choose another path")
     written = set(marker.get("files") or []) | {MARKER}
     foreign = [name for name in present if name not in written]
     if foreign:
-        raise UserError(f"{what}: {folder} holds files t2tune did not write ({', '.join(foreign[:3])}); "
-                        "move them out or choose another path")
+        raise UserError(
+            f"{what}: {folder} holds files t2tune did not write ({', '.join(foreign[:3])}); "
+            "move them out or choose another path"
+        )
 
 
 def check_new_file(path: Path, what: str, ours: Callable[[Path], bool]) -> None:
@@ -274,8 +277,9 @@ def check_new_file(path: Path, what: str, ours: Callable[[Path], bool]) -> None:
     if path.is_symlink() or not path.is_file():
         raise UserError(f"{what}: {path} exists and is not a plain file; nothing was changed, choose another path")
     if path.stat().st_size and not ours(path):
-        raise UserError(f"{what}: {path} exists and is not a file t2tune wrote; nothing was changed, "
-                        "choose another path")
+        raise UserError(
+            f"{what}: {path} exists and is not a file t2tune wrote; nothing was changed, choose another path"
+        )
 
 
 def check_writable_parent(path: Path, what: str) -> None:
@@ -284,8 +288,9 @@ def check_writable_parent(path: Path, what: str) -> None:
     for parent in path.absolute().parents:
         if parent.exists():
             if not parent.is_dir():
-                raise UserError(f"{what}: {parent} is a file, so {path} cannot be written below it; "
-                                "choose another path")
+                raise UserError(
+                    f"{what}: {parent} is a file, so {path} cannot be written below it; choose another path"
+                )
             if not os.access(parent, os.W_OK | os.X_OK):
                 raise UserError(f"{what}: {parent} is not writable; choose another path")
             return
@@ -332,8 +337,10 @@ def move_aside(folder: Path) -> Path:
     folder = folder.absolute()
     here = Path.cwd()
     if folder.resolve() == here.resolve() or folder.resolve() in here.resolve().parents:
-        raise UserError(f"out_dir: {folder} is the current folder or one above it, which cannot be moved aside; "
-                        "choose an out_dir below it")
+        raise UserError(
+            f"out_dir: {folder} is the current folder or one above it, which cannot be moved aside; "
+            "choose an out_dir below it"
+        )
     aside = folder.with_name(f"{folder.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
     while aside.exists():
         aside = aside.with_name(aside.name + "-1")
@@ -342,6 +349,7 @@ def move_aside(folder: Path) -> Path:
 
 
 # --- one process per folder ----------------------------------------------------------------
+
 
 class FolderLock:
     """An exclusive lock on a folder, held until :meth:`release` or the process's exit."""
@@ -362,8 +370,10 @@ class FolderLock:
             handle.seek(0)
             holder = handle.read().strip() or "unknown"
             handle.close()
-            raise UserError(f"{what}: {self.path.parent} is in use by another t2tune process (PID {holder}); "
-                            "wait for it to finish, or use another out_dir") from None
+            raise UserError(
+                f"{what}: {self.path.parent} is in use by another t2tune process (PID {holder}); "
+                "wait for it to finish, or use another out_dir"
+            ) from None
         handle.seek(0)
         handle.truncate()
         handle.write(str(os.getpid()))

@@ -11,10 +11,10 @@ each example's mean token loss to agree within :data:`PACKING_TOLERANCE`.
 **Export gate** (after ``hf/`` is written, before it is renamed into place). The export is
 run from disk, as a fresh model built from its config whose layers stream their weights from
 the written files one layer at a time (no second copy of the model in memory, at any size),
-and its last-token logits on a few validation prompts are compared with the trained model in memory (LoRA adapters active, so the merge is what is
-checked). Drift beyond :data:`GATE_TOLERANCE` (relative to the largest logit), or a changed
-greedy prediction that was not a near tie, fails the export and leaves the checkpoints as they
-are.
+and its last-token logits on a few validation prompts are compared with the trained model in
+memory (LoRA adapters active, so the merge is what is checked). Drift beyond
+:data:`GATE_TOLERANCE` (relative to the largest logit), or a changed greedy prediction that was
+not a near tie, fails the export and leaves the checkpoints as they are.
 
 Tolerances, per the precision the numbers are computed in. Measured on SmolLM2-135M with 64 MNLI
 validation rows in rows of 256 tokens (benchmarks/bench_packing_check.py): a packed example and
@@ -81,7 +81,7 @@ def packing_drift(model: Any, rows: Sequence[PackedRow], precision: str) -> floa
                 packed = _token_losses(model, row.tokens, row.positions)
                 for start, end in segments(row):  # every token the example predicts of itself
                     alone = _token_losses(model, row.tokens[start:end], list(range(end - start - 1)))
-                    worst = max(worst, abs(float(packed[start:end - 1].mean() - alone.mean())))
+                    worst = max(worst, abs(float(packed[start : end - 1].mean() - alone.mean())))
     finally:
         model.train(was_training)
     return worst
@@ -96,11 +96,13 @@ def check_packing(model: Any, rows: Sequence[PackedRow], precision: str) -> floa
             f"train.packing: isolated packing leaks across examples with attention implementation '{impl}' "
             f"(an example's loss changes by {drift:.3g} nats/token when packed, tolerance "
             f"{PACKING_TOLERANCE[precision]:g} in {precision}): set model.attn_implementation=sdpa (or eager), "
-            "or train.packing=none")
+            "or train.packing=none"
+        )
     return drift
 
 
 # --- export gate -----------------------------------------------------------------------------
+
 
 @dataclass
 class GateReport:
@@ -112,11 +114,14 @@ class GateReport:
 
     def line(self) -> str:
         if not self.prompts:
-            return (f"export gate passed: the written adapter's {self.tensors} tensors equal the trained ones "
-                    "bit for bit")
-        return (f"export gate passed: the reloaded export matches the trained model on {self.prompts} prompts "
-                f"(last-token logits within {self.drift:.2g} of their scale, tolerance {self.tolerance:g} "
-                f"in {self.dtype}; same greedy predictions)")
+            return (
+                f"export gate passed: the written adapter's {self.tensors} tensors equal the trained ones bit for bit"
+            )
+        return (
+            f"export gate passed: the reloaded export matches the trained model on {self.prompts} prompts "
+            f"(last-token logits within {self.drift:.2g} of their scale, tolerance {self.tolerance:g} "
+            f"in {self.dtype}; same greedy predictions)"
+        )
 
 
 def gate_adapter(folder: Path, expected: dict[str, torch.Tensor]) -> GateReport:
@@ -129,14 +134,19 @@ def gate_adapter(folder: Path, expected: dict[str, torch.Tensor]) -> GateReport:
     written: dict[str, torch.Tensor] = {}
     if file.is_file():
         with safe_open(str(file), framework="pt") as f:
-            written = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
-    differ = sorted(k for k in expected.keys() & written.keys()
-                    if written[k].dtype != expected[k].dtype or not torch.equal(written[k], expected[k].cpu()))
+            written = {k: f.get_tensor(k) for k in f.keys()}
+    differ = sorted(
+        k
+        for k in expected.keys() & written.keys()
+        if written[k].dtype != expected[k].dtype or not torch.equal(written[k], expected[k].cpu())
+    )
     if written.keys() != expected.keys() or differ:
-        raise UserError(f"export gate failed: the written adapter {file} does not hold the trained LoRA weights "
-                        f"(missing {sorted(expected.keys() - written.keys())[:3]}, unexpected "
-                        f"{sorted(written.keys() - expected.keys())[:3]}, different {differ[:3]}); the export was "
-                        "not written, the checkpoints are kept")
+        raise UserError(
+            f"export gate failed: the written adapter {file} does not hold the trained LoRA weights "
+            f"(missing {sorted(expected.keys() - written.keys())[:3]}, unexpected "
+            f"{sorted(written.keys() - expected.keys())[:3]}, different {differ[:3]}); the export was "
+            "not written, the checkpoints are kept"
+        )
     return GateReport(0, 0.0, "adapter", 0.0, tensors=len(written))
 
 
@@ -148,8 +158,10 @@ def last_token_logits(model: Any, prompt_ids: Sequence[list[int]], device: torch
     was_training = model.training
     model.eval()
     try:
-        rows = [model(input_ids=torch.tensor([ids], device=device), use_cache=False).logits[0, -1].float().cpu()
-                for ids in prompt_ids]
+        rows = [
+            model(input_ids=torch.tensor([ids], device=device), use_cache=False).logits[0, -1].float().cpu()
+            for ids in prompt_ids
+        ]
     finally:
         model.train(was_training)
     return torch.stack(rows)
@@ -173,9 +185,11 @@ class _StreamedWeights:
         used = {n for n in stored.values() if n is not None}
         extra = sorted(set(self.where) - used - {n for names in by_param.values() for n in names})
         if missing or extra:
-            raise UserError(f"export gate failed: the written export does not match the model's parameters "
-                            f"(missing {missing[:3]}, unexpected {extra[:3]}); the export was not written, "
-                            "the checkpoints are kept")
+            raise UserError(
+                f"export gate failed: the written export does not match the model's parameters "
+                f"(missing {missing[:3]}, unexpected {extra[:3]}); the export was not written, "
+                "the checkpoints are kept"
+            )
         self.hooks = []
         for module in model.modules():
             own = {n: stored[id(p)] for n, p in module._parameters.items() if p is not None}
@@ -187,12 +201,14 @@ class _StreamedWeights:
         def load(module: torch.nn.Module, _args: Any) -> None:
             for attr, key in own.items():
                 module._parameters[attr] = torch.nn.Parameter(self.reader.get(key), requires_grad=False)
+
         return load
 
     @staticmethod
     def _dropper(skeleton: dict[str, Any]) -> Callable[..., None]:
         def drop(module: torch.nn.Module, _args: Any, _out: Any) -> None:
             module._parameters.update(skeleton)  # back to the meta tensors: the weights are freed
+
         return drop
 
     def close(self) -> None:
@@ -219,8 +235,9 @@ def _plain_construction() -> Iterator[None]:
         hf_deepspeed.set_hf_deepspeed_config(registered)
 
 
-def gate_export(folder: Path, reference: torch.Tensor, prompt_ids: Sequence[list[int]],
-                compute_dtype: torch.dtype | None = None) -> GateReport:
+def gate_export(
+    folder: Path, reference: torch.Tensor, prompt_ids: Sequence[list[int]], compute_dtype: torch.dtype | None = None
+) -> GateReport:
     """Run ``folder`` from disk (a skeleton built from its config, streaming its weights layer
     by layer, :class:`_StreamedWeights`) on the prompts and compare its logits with
     ``reference`` (the trained model's, :func:`last_token_logits`). ``compute_dtype``: the
@@ -249,16 +266,28 @@ def gate_export(folder: Path, reference: torch.Tensor, prompt_ids: Sequence[list
     flipped = int(((reloaded.argmax(-1) != reference.argmax(-1)) & decided).sum())
     name = str(dtype).removeprefix("torch.")
     if drift > tolerance or flipped:
-        raise UserError(f"export gate failed: the export reloaded from disk differs from the trained model "
-                        f"(last-token logits drift {drift:.3g} of their scale, tolerance {tolerance:g} in {name}; "
-                        f"{flipped} of {len(prompt_ids)} greedy predictions changed); the export was not written, "
-                        "the checkpoints are kept")
+        raise UserError(
+            f"export gate failed: the export reloaded from disk differs from the trained model "
+            f"(last-token logits drift {drift:.3g} of their scale, tolerance {tolerance:g} in {name}; "
+            f"{flipped} of {len(prompt_ids)} greedy predictions changed); the export was not written, "
+            "the checkpoints are kept"
+        )
     return GateReport(len(prompt_ids), drift, name, tolerance)
 
 
-def export_gate(model: Any, tokenizer: Any, prompts: list[str], seq_len: int, processes: Any, *, merge: bool,
-                weights: dict[str, Any] | None, dtype_name: str, compute_dtype: torch.dtype | None,
-                merge_loss: Any) -> Callable[[Path], GateReport] | None:
+def export_gate(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    seq_len: int,
+    processes: Any,
+    *,
+    merge: bool,
+    weights: dict[str, Any] | None,
+    dtype_name: str,
+    compute_dtype: torch.dtype | None,
+    merge_loss: Any,
+) -> Callable[[Path], GateReport] | None:
     """The export gate's check for a run's export, or None where there is nothing to check on
     this process. A merged export: the trained model's last-token logits on ``prompts`` now
     (every process, as sharded weights need), the reload's compared with them later. An
@@ -288,8 +317,11 @@ def export_gate(model: Any, tokenizer: Any, prompts: list[str], seq_len: int, pr
         except UserError as exc:
             if merge_loss.share < MERGE_LOSS_HINT:
                 raise
-            raise UserError(f"{exc}. The merge rounded away {merge_loss.share:.0%} of the LoRA update (entries "
-                            f"below {dtype_name}'s resolution at their base weights): export.merge=false exports "
-                            "the adapter exactly, or `t2tune export <checkpoint> --adapter-only` writes it from a "
-                            "kept checkpoint") from None
+            raise UserError(
+                f"{exc}. The merge rounded away {merge_loss.share:.0%} of the LoRA update (entries "
+                f"below {dtype_name}'s resolution at their base weights): export.merge=false exports "
+                "the adapter exactly, or `t2tune export <checkpoint> --adapter-only` writes it from a "
+                "kept checkpoint"
+            ) from None
+
     return check

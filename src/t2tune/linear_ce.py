@@ -13,8 +13,8 @@ size of the inputs) are kept for backward, which merely scales them by the incom
 No (N, V) tensor is ever alive, and no logits are recomputed.
 
 Precision follows the caller: under bf16 autocast the three matmuls run in bf16 exactly as
-autograd would run them; under ``model.compute_dtype`` in that (wider) dtype; the softmax and the loss are always fp32; grad(weight) accumulates in
-fp32 across chunks.
+autograd would run them; under ``model.compute_dtype`` in that (wider) dtype; the softmax and
+the loss are always fp32; grad(weight) accumulates in fp32 across chunks.
 """
 
 from __future__ import annotations
@@ -34,8 +34,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         want_any = want_hidden or want_weight or want_bias
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
-        grad_bias = (torch.zeros(bias.shape, dtype=torch.float32, device=bias.device)
-                     if bias is not None and want_bias else None)
+        grad_bias = (
+            torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if bias is not None and want_bias else None
+        )
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         # cast once, not per chunk (autocast would re-cast the (V, H) weight at every matmul)
         device = hidden.device.type
@@ -44,8 +45,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         b = None if bias is None else bias.to(dtype)
         with torch.autocast(device, enabled=False):
             for start in range(0, hidden.shape[0], rows_per_chunk):
-                h = hidden[start:start + rows_per_chunk].to(dtype)  # (n, H)
-                t = targets[start:start + rows_per_chunk]  # (n,)
+                h = hidden[start : start + rows_per_chunk].to(dtype)  # (n, H)
+                t = targets[start : start + rows_per_chunk]  # (n,)
                 logits = F.linear(h, w, b).float()  # (n, V)
                 lse = torch.logsumexp(logits, dim=-1)  # (n,)
                 total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
@@ -57,7 +58,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_bias += grad.sum(0)
                 grad = grad.to(dtype)
                 if grad_hidden is not None:
-                    grad_hidden[start:start + rows_per_chunk] = grad @ w
+                    grad_hidden[start : start + rows_per_chunk] = grad @ w
                 if grad_weight is not None:
                     grad_weight += grad.t() @ h
         ctx.weight_dtype = weight.dtype
@@ -78,9 +79,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, grad_bias, None, None, None
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                         targets: torch.Tensor, chunk_elements: int | None = None,
-                         dtype: torch.dtype | None = None) -> torch.Tensor:
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    chunk_elements: int | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """Summed cross-entropy of ``F.linear(hidden, weight, bias)`` against ``targets``, without
     materialising the logits; same value and gradients as the plain expression. ``dtype``: the
     matmuls' dtype outside autocast when wider than the weight's (``model.compute_dtype``).

@@ -56,11 +56,11 @@ class LossModule(torch.nn.Module):
             hidden = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False)[0]  # (B, T, H)
             # ZeRO-3 gathers a module's weight only when the module itself is called
             if type(head) is torch.nn.Linear and not hasattr(head.weight, "ds_id"):
-                return linear_cross_entropy(hidden[keep], head.weight, head.bias, labels[keep],
-                                            dtype=layer_compute_dtype(head))
+                return linear_cross_entropy(
+                    hidden[keep], head.weight, head.bias, labels[keep], dtype=layer_compute_dtype(head)
+                )
             logits = head(hidden[keep])  # (N, V)
         else:
             model = self._maybe_compiled(self.model)
             logits = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits[keep]
         return F.cross_entropy(logits.float(), labels[keep], reduction="sum")
-

@@ -60,9 +60,11 @@ class Estimate:
         return self.weights + self.gradients + self.optimizer + self.activations + self.runtime
 
     def line(self) -> str:
-        parts = (f"weights {self.weights / GIB:.1f} + gradients {self.gradients / GIB:.1f} + "
-                 f"optimizer states {self.optimizer / GIB:.1f} + activations {self.activations / GIB:.1f} + "
-                 f"runtime {self.runtime / GIB:.1f}")
+        parts = (
+            f"weights {self.weights / GIB:.1f} + gradients {self.gradients / GIB:.1f} + "
+            f"optimizer states {self.optimizer / GIB:.1f} + activations {self.activations / GIB:.1f} + "
+            f"runtime {self.runtime / GIB:.1f}"
+        )
         return f"{self.total / GIB:.1f} GiB ({parts})"
 
 
@@ -77,8 +79,11 @@ def _inner_linears(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Linea
 def _lora_parameters(model: torch.nn.Module, targets: Any, r: int) -> int:
     """Adapter parameters LoRA adds: r × (in + out) for every targeted Linear (as peft matches
     names: the last name component; "all-linear" is every Linear but the output layer)."""
-    return sum(r * (module.in_features + module.out_features) for name, module in _inner_linears(model)
-               if targets == "all-linear" or name.rsplit(".", 1)[-1] in targets)
+    return sum(
+        r * (module.in_features + module.out_features)
+        for name, module in _inner_linears(model)
+        if targets == "all-linear" or name.rsplit(".", 1)[-1] in targets
+    )
 
 
 _NF4_BYTES = 0.5 + 0.127 / 8  # 4 bits, and the QLoRA paper's 0.127 bits of double-quantized scales
@@ -116,9 +121,15 @@ def estimate(config: Any, cfg: Any) -> Estimate:
     widened = 0.0
     if cfg.model.compute_dtype:
         widened = max(p.numel() for p in skeleton.parameters()) * _BYTES[cfg.model.compute_dtype]
-    return Estimate(weights=weights, gradients=trainable * trainable_bytes,
-                    optimizer=2 * trainable * trainable_bytes + (4 * trainable if t.ema is not None else 0), activations=kept + widened,
-                    runtime=RUNTIME_BYTES, trainable=trainable, parameters=params)
+    return Estimate(
+        weights=weights,
+        gradients=trainable * trainable_bytes,
+        optimizer=2 * trainable * trainable_bytes + (4 * trainable if t.ema is not None else 0),
+        activations=kept + widened,
+        runtime=RUNTIME_BYTES,
+        trainable=trainable,
+        parameters=params,
+    )
 
 
 def available_bytes() -> tuple[float, str]:
@@ -132,9 +143,10 @@ def available_bytes() -> tuple[float, str]:
                 avail = float(line.split()[1]) * 1024
     except OSError:
         pass
-    for limit_file, used_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                  ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                                   "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+    for limit_file, used_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):
         try:
             limit = Path(limit_file).read_text().strip()
             used = float(Path(used_file).read_text().strip())
@@ -163,9 +175,11 @@ def check_memory(config: Any, cfg: Any) -> Estimate:
         if not cfg.train.gradient_checkpointing:
             fixes.append("train.gradient_checkpointing=true")
         fixes.append("DeepSpeed ZeRO-3 with CPU offload, or a GPU with more memory")
-        raise UserError(f"model.name: training {cfg.model.name} ({est.parameters / 1e9:.2f} B parameters, "
-                        f"{est.trainable / 1e6:.1f} M trained) needs about {est.line()}, but {room / GIB:.1f} GiB "
-                        f"is {where}; try {'; or '.join(fixes)}")
+        raise UserError(
+            f"model.name: training {cfg.model.name} ({est.parameters / 1e9:.2f} B parameters, "
+            f"{est.trainable / 1e6:.1f} M trained) needs about {est.line()}, but {room / GIB:.1f} GiB "
+            f"is {where}; try {'; or '.join(fixes)}"
+        )
     return est
 
 
@@ -245,10 +259,13 @@ RSS = StagePeaks()  # resident memory is the process's: one record for it
 
 def staged(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Count a function's calls as stage ``name`` of :data:`RSS`."""
+
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
         def inner(*args: Any, **kwargs: Any) -> Any:
             with RSS.stage(name):
                 return fn(*args, **kwargs)
+
         return inner
+
     return wrap

@@ -46,15 +46,17 @@ def label_metrics(task: Task, predictions: Sequence[str | None], golds: Sequence
         return out
     classes = list(range(len(labels)))
     precision, recall, _, support = precision_recall_fscore_support(gold, pred, labels=classes, zero_division=0)
-    out["per_class"] = {lab: {"precision": float(p), "recall": float(r), "support": int(s)}
-                        for lab, p, r, s in zip(labels, precision, recall, support)}
+    out["per_class"] = {
+        lab: {"precision": float(p), "recall": float(r), "support": int(s)}
+        for lab, p, r, s in zip(labels, precision, recall, support)
+    }
     out["macro_f1"] = float(f1_score(gold, pred, labels=classes, average="macro", zero_division=0))
     if len(labels) == 2:
         out["f1"] = float(f1_score(gold, pred, labels=[1], average=None, zero_division=0)[0])
     if "mcc" in task.extra_metrics:
         out["mcc"] = float(matthews_corrcoef(gold, pred))
     matrix = confusion_matrix(gold, pred, labels=[*classes, invalid])
-    out["confusion"] = {"labels": [*labels, INVALID], "matrix": matrix[:len(labels)].tolist()}
+    out["confusion"] = {"labels": [*labels, INVALID], "matrix": matrix[: len(labels)].tolist()}
     return out
 
 
@@ -85,8 +87,11 @@ def squad_scores(prediction: str, references: Sequence[str]) -> tuple[float, flo
 def squad_metrics(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, Any]:
     scores = [squad_scores(p, r) for p, r in zip(predictions, references)]
     n = max(1, len(scores))
-    return {"exact_match": sum(s[0] for s in scores) / n, "f1": sum(s[1] for s in scores) / n,
-            "empty": sum(not p.strip() for p in predictions)}
+    return {
+        "exact_match": sum(s[0] for s in scores) / n,
+        "f1": sum(s[1] for s in scores) / n,
+        "empty": sum(not p.strip() for p in predictions),
+    }
 
 
 def _prf(tp: int, n_pred: int, n_gold: int) -> dict[str, float]:
@@ -121,8 +126,9 @@ def entity_metrics(predictions: Sequence[str], references: Sequence[str], policy
     return out
 
 
-def compute_metrics(task: Task, predictions: Sequence[str], references: Sequence[Sequence[str]],
-                    entity_parsing: str = "lenient") -> dict[str, Any]:
+def compute_metrics(
+    task: Task, predictions: Sequence[str], references: Sequence[Sequence[str]], entity_parsing: str = "lenient"
+) -> dict[str, Any]:
     if task.metric == "accuracy":
         return label_metrics(task, predictions, [r[0] for r in references])
     if task.metric == "squad":
@@ -151,8 +157,11 @@ def greater_is_better(name: str) -> bool:
 def metric_names(task: Task, mode: str) -> list[str]:
     """The numbers a validation of ``task`` in ``mode`` reports, any of which ``eval.metric`` may name."""
     if task.metric == "accuracy":
-        names = ["accuracy", "macro_f1", "invalid"] + (["f1"] if len(task.labels or ()) == 2 else []) \
+        names = (
+            ["accuracy", "macro_f1", "invalid"]
+            + (["f1"] if len(task.labels or ()) == 2 else [])
             + (["mcc"] if "mcc" in task.extra_metrics else [])
+        )
         return names + (["ece"] if mode == "score" else ["truncated"])
     if task.metric == "squad":
         return ["exact_match", "f1", "empty", "truncated"]
@@ -162,8 +171,12 @@ def metric_names(task: Task, mode: str) -> list[str]:
 CALIBRATION_BINS = 15
 
 
-def calibration_metrics(probabilities: Sequence[Sequence[float]], predictions: Sequence[str],
-                        golds: Sequence[str], bins: int = CALIBRATION_BINS) -> dict[str, Any]:
+def calibration_metrics(
+    probabilities: Sequence[Sequence[float]],
+    predictions: Sequence[str],
+    golds: Sequence[str],
+    bins: int = CALIBRATION_BINS,
+) -> dict[str, Any]:
     """Expected calibration error of the top label's probability over ``bins`` equal-width bins
     (ECE = Σ_b n_b/n · |accuracy_b − confidence_b|), and the reliability curve's points, binned
     as scikit-learn's ``calibration_curve`` bins them (which draws the curve).
@@ -182,14 +195,21 @@ def calibration_metrics(probabilities: Sequence[Sequence[float]], predictions: S
     edges = np.linspace(0.0, 1.0, bins + 1)
     which = np.searchsorted(edges[1:-1], confidence)  # calibration_curve's own binning
     counts = np.bincount(which, minlength=bins)
-    gap = np.abs(np.bincount(which, weights=correct, minlength=bins) -
-                 np.bincount(which, weights=confidence, minlength=bins))
+    gap = np.abs(
+        np.bincount(which, weights=correct, minlength=bins) - np.bincount(which, weights=confidence, minlength=bins)
+    )
     ece = float(gap.sum() / len(confidence))
     if correct.min() == correct.max():  # calibration_curve needs both outcomes; the points are direct
         accuracy = np.bincount(which, weights=correct, minlength=bins)[counts > 0] / counts[counts > 0]
         mean_conf = np.bincount(which, weights=confidence, minlength=bins)[counts > 0] / counts[counts > 0]
     else:
         accuracy, mean_conf = calibration_curve(correct, confidence, n_bins=bins, strategy="uniform")
-    return {"ece": ece, "calibration": {"bins": bins, "confidence": [float(x) for x in mean_conf],
-                                        "accuracy": [float(x) for x in accuracy],
-                                        "count": [int(c) for c in counts[counts > 0]]}}
+    return {
+        "ece": ece,
+        "calibration": {
+            "bins": bins,
+            "confidence": [float(x) for x in mean_conf],
+            "accuracy": [float(x) for x in accuracy],
+            "count": [int(c) for c in counts[counts > 0]],
+        },
+    }

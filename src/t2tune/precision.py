@@ -84,8 +84,9 @@ def _linear(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 def _embedding(self: torch.nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
-    rows = F.embedding(ids, self.weight, self.padding_idx, self.max_norm, self.norm_type,
-                       self.scale_grad_by_freq, self.sparse)
+    rows = F.embedding(
+        ids, self.weight, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse
+    )
     return rows.to(getattr(self, _ATTR))  # look up narrow rows, widen only those
 
 

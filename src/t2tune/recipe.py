@@ -93,18 +93,29 @@ def train(cfg: RunConfig, **given: Any) -> RunResult:
     return prepare(cfg, **given).train()
 
 
-def prepare(cfg: RunConfig, *, overwrite: bool = False, task: Task | None = None, model: Any = None,
-            tokenizer: Any = None, train_rows: Sequence[Row] | None = None, eval_rows: Sequence[Row] | None = None,
-            eval_config: EvalConfig | None = None, metric: Callable | None = None,
-            postprocess: Callable[[str], str] | None = None, base_name: str | None = None,
-            accelerator: Any = None) -> Run:
+def prepare(
+    cfg: RunConfig,
+    *,
+    overwrite: bool = False,
+    task: Task | None = None,
+    model: Any = None,
+    tokenizer: Any = None,
+    train_rows: Sequence[Row] | None = None,
+    eval_rows: Sequence[Row] | None = None,
+    eval_config: EvalConfig | None = None,
+    metric: Callable | None = None,
+    postprocess: Callable[[str], str] | None = None,
+    base_name: str | None = None,
+    accelerator: Any = None,
+) -> Run:
     """Wire every stage of a run. Anything not given (task, data, model) comes from ``cfg``;
     ``metric(predictions, references) -> dict`` and ``postprocess(text) -> answer`` replace the
     task's own; ``overwrite`` moves an incompatible previous run in ``out_dir`` aside."""
     eval_config = eval_config or cfg.eval
     if cfg.tasks and (task is not None or train_rows is not None):
-        raise UserError("tasks: a multi-task run reads its tasks and data from the config; pass neither task= "
-                        "nor train_rows=")
+        raise UserError(
+            "tasks: a multi-task run reads its tasks and data from the config; pass neither task= nor train_rows="
+        )
     members = members_of(cfg, eval_config) if task is None else [Member(task.name, task, eval_config)]
     if postprocess is not None:
         for member in members:
@@ -117,30 +128,41 @@ def prepare(cfg: RunConfig, *, overwrite: bool = False, task: Task | None = None
     if metric is None and cfg.eval.metric is not None:
         known = metric_choices(members)
         if cfg.eval.metric not in known:
-            raise ConfigError(f"eval.metric: {cfg.eval.metric!r} is not reported by this run's validation "
-                              f"({', '.join(m.name + ' in ' + m.eval_config.mode + ' mode' for m in members)}); "
-                              f"choose from {', '.join(known)}")
+            raise ConfigError(
+                f"eval.metric: {cfg.eval.metric!r} is not reported by this run's validation "
+                f"({', '.join(m.name + ' in ' + m.eval_config.mode + ' mode' for m in members)}); "
+                f"choose from {', '.join(known)}"
+            )
     if accelerator is not None and cfg.log.to:
-        raise ConfigError("log.to: an accelerator passed in brings its own trackers (Accelerator(log_with=...)); "
-                          "leave log.to empty")
+        raise ConfigError(
+            "log.to: an accelerator passed in brings its own trackers (Accelerator(log_with=...)); leave log.to empty"
+        )
     process = process_state()
     if cfg.train.compile and _sharded_launch(process):
-        raise ConfigError("train.compile: not under DeepSpeed or FSDP (their parameter hooks are untested with "
-                          "torch.compile here); launch without them, or set train.compile=false")
+        raise ConfigError(
+            "train.compile: not under DeepSpeed or FSDP (their parameter hooks are untested with "
+            "torch.compile here); launch without them, or set train.compile=false"
+        )
     if cfg.train.ema is not None and _sharded_launch(process):
-        raise ConfigError("train.ema: not under DeepSpeed or FSDP (each process holds a shard of the weights, and the "
-                          "average would have to follow the engine's partitioning); launch without them, or set "
-                          "train.ema=null")
+        raise ConfigError(
+            "train.ema: not under DeepSpeed or FSDP (each process holds a shard of the weights, and the "
+            "average would have to follow the engine's partitioning); launch without them, or set "
+            "train.ema=null"
+        )
     if cfg.train.method == "qlora" and (process.num_processes > 1 or _sharded_launch(process)):
-        raise ConfigError("train.method=qlora runs in one process (4-bit weights are untested under DDP and are not "
-                          "sharded by DeepSpeed or FSDP); launch one process, or use train.method=lora")
+        raise ConfigError(
+            "train.method=qlora runs in one process (4-bit weights are untested under DDP and are not "
+            "sharded by DeepSpeed or FSDP); launch one process, or use train.method=lora"
+        )
     if model is None and not _sharded_launch(process):  # before anything is loaded: refuse what cannot fit
         config = model_config(cfg.model)
         if config is not None:
             need = check_memory(config, cfg)
             if need.tight and return_freed_memory() and process.is_main_process:
-                say(f"the run needs about {need.total / GIB:.1f} of {need.room / GIB:.1f} GiB; freed memory "
-                    "goes back to the system (less resident memory; GPT-J 6B on 2 cores: steps ~1.45x slower)")
+                say(
+                    f"the run needs about {need.total / GIB:.1f} of {need.room / GIB:.1f} GiB; freed memory "
+                    "goes back to the system (less resident memory; GPT-J 6B on 2 cores: steps ~1.45x slower)"
+                )
     folder = RunFolder(Path(cfg.out_dir))
     lock = _claim(folder, cfg, overwrite, process)
     RSS.restart()
@@ -173,8 +195,10 @@ def prepare(cfg: RunConfig, *, overwrite: bool = False, task: Task | None = None
         accelerator = Accelerator(cpu=cpu_only(), gradient_accumulation_steps=accumulation, **trackers)
         fill_deepspeed_config(accelerator, cfg.train, accumulation)
     elif accelerator.gradient_accumulation_steps != accumulation:
-        raise ConfigError(f"the accelerator given accumulates {accelerator.gradient_accumulation_steps} micro-batches "
-                          f"per step; train.global_batch_size / (train.micro_batch_size × processes) = {accumulation}")
+        raise ConfigError(
+            f"the accelerator given accumulates {accelerator.gradient_accumulation_steps} micro-batches "
+            f"per step; train.global_batch_size / (train.micro_batch_size × processes) = {accumulation}"
+        )
     for member in members:  # before training: a validation that cannot run is refused now
         check_fits(model, tokenizer, member.task, member.eval_config)
     set_seed(t.seed)  # before LoRA's adapters are initialised
@@ -183,8 +207,10 @@ def prepare(cfg: RunConfig, *, overwrite: bool = False, task: Task | None = None
     for member in members:
         examples, lost = encode_for_training(member.task, member.train_rows, tokenizer, t.seq_len, t.truncate)
         if lost and accelerator.is_main_process:
-            say(f"{member.name}: {lost} training examples dropped: truncating '{member.task.truncate_field}' to "
-                "fit train.seq_len would cut their answer")
+            say(
+                f"{member.name}: {lost} training examples dropped: truncating '{member.task.truncate_field}' to "
+                "fit train.seq_len would cut their answer"
+            )
         encoded.append(examples)
         dropped += lost
         if not member.task.is_label_task:  # what eval.max_new_tokens: auto measures
@@ -205,12 +231,23 @@ def prepare(cfg: RunConfig, *, overwrite: bool = False, task: Task | None = None
     loss_module, optimizer = accelerator.prepare(loss_module, make_optimizer(loss_module, t))
     state = TrainState()  # one object for the whole run: a resume restores it in place
     spent = (lambda: state.train_seconds / (t.max_minutes * 60)) if t.steps == "auto" else None
-    parts = TrainParts(accelerator, loss_module, optimizer, make_scheduler(optimizer, t, spent),
-                       tokenizer.pad_token_id)
+    parts = TrainParts(accelerator, loss_module, optimizer, make_scheduler(optimizer, t, spent), tokenizer.pad_token_id)
     average = WeightAverage(model, t.ema) if t.ema is not None else None
-    return Run(cfg, folder, members, model, tokenizer, parts, TrainData(rows_of, dropped, mix), state,
-               eval_config=eval_config, metric=metric, base_name=base_name or cfg.model.name, lock=lock,
-               average=average)
+    return Run(
+        cfg,
+        folder,
+        members,
+        model,
+        tokenizer,
+        parts,
+        TrainData(rows_of, dropped, mix),
+        state,
+        eval_config=eval_config,
+        metric=metric,
+        base_name=base_name or cfg.model.name,
+        lock=lock,
+        average=average,
+    )
 
 
 def _sharded_launch(process: Any) -> bool:
@@ -228,8 +265,7 @@ def _mix(cfg: RunConfig, members: list[Member], encoded: list[list]) -> dict[str
     weights = {name: entry.weight or 1.0 for name, entry in cfg.tasks.items()}
     rates = mixing_rates(sizes, cfg.mix.rule, cfg.mix.cap, cfg.mix.temperature, weights)
     counts = epoch_counts(rates, epoch_size(sizes, cfg.mix.cap))
-    return {name: {"examples": sizes[name], "rate": round(rates[name], 6), "per_epoch": counts[name]}
-            for name in sizes}
+    return {name: {"examples": sizes[name], "rate": round(rates[name], 6), "per_epoch": counts[name]} for name in sizes}
 
 
 def _claim(folder: RunFolder, cfg: RunConfig, overwrite: bool, process: Any) -> Any:
@@ -264,8 +300,10 @@ def _load_data(data: Any, member: Member, limit: int | None) -> tuple[list[Row],
     val_rows = load_examples(task, val_src, split, hub_config, limit=limit)
     train_file = rows[0].get("_where", "").rsplit(":", 1)[0] if rows else None
     if val_rows and val_rows[0].get("_where", "").rsplit(":", 1)[0] == train_file:
-        say(f"warning: {key}.validation: validating on the training file {train_file}, so validation numbers "
-            f"will be optimistic; give {key}.validation a file or folder of held-out rows")
+        say(
+            f"warning: {key}.validation: validating on the training file {train_file}, so validation numbers "
+            f"will be optimistic; give {key}.validation a file or folder of held-out rows"
+        )
     return rows, val_rows
 
 
@@ -330,9 +368,23 @@ class Run:
     :class:`RunLog`'s, saving and resuming the :class:`Checkpointer`'s, what "best" means
     :class:`Best`'s."""
 
-    def __init__(self, cfg: RunConfig, folder: RunFolder, members: list[Member], model: Any, tokenizer: Any,
-                 parts: TrainParts, data: TrainData, state: TrainState, *, eval_config: EvalConfig,
-                 metric: Callable | None, base_name: str, lock: Any = None, average: WeightAverage | None = None):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        folder: RunFolder,
+        members: list[Member],
+        model: Any,
+        tokenizer: Any,
+        parts: TrainParts,
+        data: TrainData,
+        state: TrainState,
+        *,
+        eval_config: EvalConfig,
+        metric: Callable | None,
+        base_name: str,
+        lock: Any = None,
+        average: WeightAverage | None = None,
+    ):
         self.cfg, self.folder, self.members, self.model, self.tokenizer = cfg, folder, members, model, tokenizer
         self.parts, self.data, self.state, self.eval_config = parts, data, state, eval_config
         self.metric, self.base_name = metric, base_name
@@ -371,8 +423,12 @@ class Run:
         checked = self.check_packing()
         t = self.cfg.train
         self.runlog.peak_dtype = torch.bfloat16 if t.precision == "bf16" else compute_dtype_of(self.model)
-        self.runlog.start(self.state, resumed, self.rows, {"dropped_examples": self.data.dropped, **checked,
-                                                        **({"mix": self.data.mix} if self.data.mix else {})})
+        self.runlog.start(
+            self.state,
+            resumed,
+            self.rows,
+            {"dropped_examples": self.data.dropped, **checked, **({"mix": self.data.mix} if self.data.mix else {})},
+        )
         # from_pretrained hands the model over in eval mode, where dropout (train.dropout, LoRA's)
         # is off and bitsandbytes swaps 4-bit weights to an inference-only kernel; validation
         # and the self-tests put back the mode they found
@@ -399,11 +455,13 @@ class Run:
         failed = None
         if self.main:
             try:
-                report = self.export(self.folder.export, merge=self.cfg.export.merge, weights=weights, check=gate,
-                                     exported=exported)
+                report = self.export(
+                    self.folder.export, merge=self.cfg.export.merge, weights=weights, check=gate, exported=exported
+                )
                 self.runlog.tick(self.state)
-                end = self.runlog.summary(self.state, self.best.key, exported, report, self.merge_loss,
-                                       self.packing_report)
+                end = self.runlog.summary(
+                    self.state, self.best.key, exported, report, self.merge_loss, self.packing_report
+                )
                 self.runlog.file.write({"event": "end", "step": step, "stopped": stopped, **end})
             except UserError as exc:  # every process reaches the barrier below before it is raised
                 failed = exc
@@ -458,8 +516,13 @@ class Run:
                 summary, metrics = combined(results, len(self.members) > 1)
                 improved = self.best.record(s, summary)
                 s.eval_seconds += time.perf_counter() - start
-                self.runlog.validation(s, summary, metrics, self.best.line(summary, s),
-                                    [m.name for m in self.members] if len(self.members) > 1 else None)
+                self.runlog.validation(
+                    s,
+                    summary,
+                    metrics,
+                    self.best.line(summary, s),
+                    [m.name for m in self.members] if len(self.members) > 1 else None,
+                )
             except UserError as exc:  # raised below on every process: the others would wait forever
                 failed = exc
         improved, s.best, s.stale, failed = from_main(self.accelerator, [improved, s.best, s.stale, failed])
@@ -496,26 +559,52 @@ class Run:
 
     def evaluate(self, limit: int | None = None, member: Member | None = None) -> EvalResult:
         """Validate a task (default: the first) on its eval rows; metrics via ``metric`` when given."""
-        return validate_member(self.model, self.tokenizer, member or self.members[0], self.accelerator, self.metric,
-                               limit)
+        return validate_member(
+            self.model, self.tokenizer, member or self.members[0], self.accelerator, self.metric, limit
+        )
 
     def _gate(self, weights: dict[str, Any] | None) -> Callable[[Path], GateReport] | None:
         first = self.members[0]
         wide = self.cfg.model.compute_dtype
-        return export_gate(self.model, self.tokenizer, [first.task.prompt_text(r) for r in first.eval_rows[:GATE_PROMPTS]],
-                           self.eval_config.seq_len, self.accelerator, merge=self.cfg.export.merge, weights=weights,
-                           dtype_name=self.cfg.model.dtype, compute_dtype=DTYPES[wide] if wide else None,
-                           merge_loss=self.merge_loss)
+        return export_gate(
+            self.model,
+            self.tokenizer,
+            [first.task.prompt_text(r) for r in first.eval_rows[:GATE_PROMPTS]],
+            self.eval_config.seq_len,
+            self.accelerator,
+            merge=self.cfg.export.merge,
+            weights=weights,
+            dtype_name=self.cfg.model.dtype,
+            compute_dtype=DTYPES[wide] if wide else None,
+            merge_loss=self.merge_loss,
+        )
 
     @staged("export")
-    def export(self, path: Path, merge: bool = True, weights: dict[str, Any] | None = None,
-               check: Callable[[Path], GateReport] | None = None,
-               exported: dict[str, Any] | None = None) -> GateReport | None:
+    def export(
+        self,
+        path: Path,
+        merge: bool = True,
+        weights: dict[str, Any] | None = None,
+        check: Callable[[Path], GateReport] | None = None,
+        exported: dict[str, Any] | None = None,
+    ) -> GateReport | None:
         """Write the Hugging Face export (main process); ``weights``: gathered full weights;
         ``check``: the export gate; ``exported``: the validation summary of the exported step
         (default: the last validation). Returns the gate's report."""
         shown = self.last_eval if exported is None else exported
-        return export_run(self.model, self.tokenizer, path, self.cfg, [m.task for m in self.members], self.state,
-                          shown, exported_line(self.state, shown, self.best.key, self.cfg.export.from_),
-                          base_name=self.base_name, merge=merge, weights=weights, check=check, loss=self.merge_loss,
-                          hint="; the checkpoints are kept, run `t2tune export` on the newest one")
+        return export_run(
+            self.model,
+            self.tokenizer,
+            path,
+            self.cfg,
+            [m.task for m in self.members],
+            self.state,
+            shown,
+            exported_line(self.state, shown, self.best.key, self.cfg.export.from_),
+            base_name=self.base_name,
+            merge=merge,
+            weights=weights,
+            check=check,
+            loss=self.merge_loss,
+            hint="; the checkpoints are kept, run `t2tune export` on the newest one",
+        )

@@ -27,8 +27,11 @@ class MetricsLog:
         """On resume, drop lines a killed run wrote after its last checkpoint (they will be redone)."""
         if not self.enabled or not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and _step_of(line) <= step]
+        kept = [
+            line
+            for line in self.path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and _step_of(line) <= step
+        ]
         with atomic_file(self.path) as handle:
             handle.write("".join(line + "\n" for line in kept))
 
@@ -53,8 +56,7 @@ def check_trackers(names: list[str]) -> None:
 
     for name in names:
         if importlib.util.find_spec(TRACKER_PACKAGES[name]) is None:
-            raise UserError(f"log.to: {name} needs the {TRACKER_PACKAGES[name]} package: "
-                            f"pip install 't2tune[{name}]'")
+            raise UserError(f"log.to: {name} needs the {TRACKER_PACKAGES[name]} package: pip install 't2tune[{name}]'")
 
 
 def tracker_settings(names: list[str], folder: Path) -> dict[str, dict[str, Any]]:
@@ -78,12 +80,12 @@ def tracker_settings(names: list[str], folder: Path) -> dict[str, dict[str, Any]
 
 def _hyperparameters(config: dict[str, Any]) -> dict[str, Any]:
     """The config as flat ``section.key`` values that every tracker accepts (lists as text)."""
-    flat: dict[str, Any] = {}
-    for section, values in config.items():
-        for key, value in (values.items() if isinstance(values, dict) else [("", values)]):
-            name = f"{section}.{key}" if key else section
-            flat[name] = value if isinstance(value, (bool, int, float, str)) or value is None else str(value)
-    return flat
+    from .config import flatten
+
+    return {
+        name: value if isinstance(value, (bool, int, float, str)) or value is None else str(value)
+        for name, value in flatten(config).items()
+    }
 
 
 class Trackers:
@@ -101,16 +103,20 @@ class Trackers:
         kind = event.get("event")
         if kind not in ("train", "eval"):
             return
-        values = {f"{kind}/{k}": v for k, v in event.items()
-                  if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+        values = {
+            f"{kind}/{k}": v
+            for k, v in event.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"
+        }
         self.accelerator.log(values, step=event["step"])
 
     def image(self, name: str, png: Path, step: int) -> None:
         if not png.is_file():
             return
         import numpy as np
+        from matplotlib.image import imread
 
-        picture = (_pyplot().imread(png)[..., :3] * 255).astype(np.uint8)  # (H, W, 3)
+        picture = (imread(png)[..., :3] * 255).astype(np.uint8)  # (H, W, 3)
         for tracker in self.accelerator.trackers:
             if tracker.name == "tensorboard":
                 tracker.log_images({name: picture[None]}, step=step, dataformats="NHWC")
@@ -145,13 +151,13 @@ def read_events(path: Path) -> list[dict[str, Any]]:
 
 # --- plots -----------------------------------------------------------------------------------
 
-def _pyplot() -> Any:
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def _figure(**kwargs: Any) -> Any:
+    """A matplotlib figure of its own (no pyplot, no backend switched for the process): PNGs
+    are drawn by Agg when saved."""
+    from matplotlib.figure import Figure
 
-    return plt
+    return Figure(**kwargs)
 
 
 PNG_SOFTWARE = "t2tune"  # the PNG text chunk by which t2tune knows its own plots
@@ -163,7 +169,6 @@ def _save(fig: Any, path: Path) -> None:
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100, metadata={"Software": f"{PNG_SOFTWARE} {__version__}"})
-    _pyplot().close(fig)
     atomic_bytes(path, buffer.getvalue())
 
 
@@ -172,11 +177,11 @@ def is_t2tune_plot(path: Path) -> bool:
 
 
 def plot_training(events: list[dict[str, Any]], folder: Path) -> None:
-    plt = _pyplot()
     train = [e for e in events if e.get("event") == "train"]
     evals = [e for e in events if e.get("event") == "eval"]
     if train:
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.5))
+        fig = _figure(figsize=(10, 3.5))
+        ax1, ax2 = fig.subplots(1, 2)
         ax1.plot([e["step"] for e in train], [e["loss"] for e in train])
         ax1.set(xlabel="optimizer step", ylabel="training loss", title="loss")
         ax2.plot([e["step"] for e in train], [e["lr"] for e in train], color="tab:orange")
@@ -185,9 +190,13 @@ def plot_training(events: list[dict[str, Any]], folder: Path) -> None:
         _save(fig, folder / "loss_lr.png")
     if evals:
         # one task: its headline; a mixture: every task's headline and their mean
-        keys = evals[0].get("headlines", []) + ["mean"] if "mean" in evals[0] else \
-            ["accuracy" if "accuracy" in evals[0] else "f1"]
-        fig, ax = plt.subplots(figsize=(5, 3.5))
+        keys = (
+            evals[0].get("headlines", []) + ["mean"]
+            if "mean" in evals[0]
+            else ["accuracy" if "accuracy" in evals[0] else "f1"]
+        )
+        fig = _figure(figsize=(5, 3.5))
+        ax = fig.subplots()
         for key in keys:
             ax.plot([e["step"] for e in evals], [e.get(key, 0) for e in evals], marker="o", label=key)
         if len(keys) > 1:
@@ -202,13 +211,13 @@ def plot_confusion(metrics: dict[str, Any], path: Path) -> bool:
     confusion = metrics.get("confusion")
     if not confusion:
         return False
-    plt = _pyplot()
     columns = [name if name is not None else "(invalid)" for name in confusion["labels"]]
     matrix = confusion["matrix"]
-    fig, ax = plt.subplots(figsize=(1.4 * len(columns) + 2, 1.2 * len(matrix) + 1.5))
+    fig = _figure(figsize=(1.4 * len(columns) + 2, 1.2 * len(matrix) + 1.5))
+    ax = fig.subplots()
     ax.imshow(matrix, cmap="Blues")
     ax.set_xticks(range(len(columns)), columns, rotation=30, ha="right")
-    ax.set_yticks(range(len(matrix)), columns[:len(matrix)])
+    ax.set_yticks(range(len(matrix)), columns[: len(matrix)])
     ax.set(xlabel="predicted", ylabel="gold", title="confusion matrix")
     for i, row in enumerate(matrix):
         for j, value in enumerate(row):
@@ -224,12 +233,16 @@ def plot_reliability(metrics: dict[str, Any], path: Path) -> bool:
     curve = metrics.get("calibration")
     if not curve:
         return False
-    plt = _pyplot()
-    fig, (ax, counts) = plt.subplots(2, 1, figsize=(4.5, 5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    fig = _figure(figsize=(4.5, 5))
+    ax, counts = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfectly calibrated")
     ax.plot(curve["confidence"], curve["accuracy"], marker="o", label="model")
-    ax.set(ylabel="accuracy", title=f"reliability (ECE {metrics.get('ece', 0):.3f}, {curve['bins']} bins)",
-           xlim=(0, 1), ylim=(0, 1))
+    ax.set(
+        ylabel="accuracy",
+        title=f"reliability (ECE {metrics.get('ece', 0):.3f}, {curve['bins']} bins)",
+        xlim=(0, 1),
+        ylim=(0, 1),
+    )
     ax.legend(loc="upper left")
     counts.bar(curve["confidence"], curve["count"], width=1 / curve["bins"], color="tab:blue", alpha=0.6)
     counts.set(xlabel="confidence (top label's probability)", ylabel="rows")
@@ -248,8 +261,7 @@ def plot_metrics(metrics: dict[str, Any], folder: Path, prefix: str = "") -> Non
     plot_reliability(metrics, folder / f"{prefix}{reliability}")
 
 
-def refresh_plots(folder: Path, events: list[dict[str, Any]],
-                  by_task: dict[str, dict[str, Any]] | None = None) -> None:
+def refresh_plots(folder: Path, events: list[dict[str, Any]], by_task: dict[str, dict[str, Any]] | None = None) -> None:
     """Redraw the run's plots, and each task's validation plots (``by_task``: file prefix →
     metrics; "" for a single task). A failure (no matplotlib, a full disk) is reported on stderr
     and does not stop training: the numbers stay in ``metrics.jsonl``."""
@@ -263,6 +275,7 @@ def refresh_plots(folder: Path, events: list[dict[str, Any]],
 
 
 # --- model card ------------------------------------------------------------------------------
+
 
 def _prompt_section(task: Task) -> str:
     """How to prompt a task: a training example and the inference prompt."""
@@ -283,8 +296,15 @@ At inference, give the prompt up to and including `target:` and decode greedily:
 """
 
 
-def model_card(cfg: Any, task: Task | list[Task], base_name: str, state: Any, last_eval: dict[str, Any],
-               exported: str | None = None, gate: Any = None) -> str:
+def model_card(
+    cfg: Any,
+    task: Task | list[Task],
+    base_name: str,
+    state: Any,
+    last_eval: dict[str, Any],
+    exported: str | None = None,
+    gate: Any = None,
+) -> str:
     """The README.md of an export: prompt format (of each task of a mixture), training config,
     validation numbers (of the exported step), which step was exported and why (``exported``),
     and the export gate's verdict (``gate``, a :class:`t2tune.guards.GateReport`), with a
@@ -298,19 +318,29 @@ def model_card(cfg: Any, task: Task | list[Task], base_name: str, state: Any, la
     checks = "".join(f"{line}\n\n" for line in (exported, gate.line() if gate is not None else None) if line)
     if last_eval:
         shown = {k: v for k, v in last_eval.items() if isinstance(v, (int, float, str)) and v is not None}
-        source = f"{cfg.data.validation or cfg.data.train} (split {cfg.data.validation_split})" if not cfg.tasks \
+        source = (
+            f"{cfg.data.validation or cfg.data.train} (split {cfg.data.validation_split})"
+            if not cfg.tasks
             else "each task's validation data"
+        )
         mode = f", {shown['mode']} mode" if "mode" in shown else ""
-        metrics = (f"Measured at optimizer step {last_eval.get('step')} on {shown.get('n')} rows of {source}{mode}:\n\n"
-                   + "\n".join(f"| {k} | {v} |" for k, v in shown.items() if k not in ("task", "mode", "step"))
-                   + "\n")
+        metrics = (
+            f"Measured at optimizer step {last_eval.get('step')} on {shown.get('n')} rows of {source}{mode}:\n\n"
+            + "\n".join(f"| {k} | {v} |" for k, v in shown.items() if k not in ("task", "mode", "step"))
+            + "\n"
+        )
         metrics = "| metric | value |\n|---|---|\n" + metrics
     else:
         metrics = "No validation was run for this export.\n"
     trained_on = ", ".join(f"`{e.train}`" for e in cfg.tasks.values()) if cfg.tasks else f"`{cfg.data.train}`"
-    data = ModelCardData(library_name="transformers", base_model=base_name,
-                         tags=["t2tune", "text2text", *(t.name for t in tasks)], pipeline_tag="text-generation")
-    return str(ModelCard(f"""---
+    data = ModelCardData(
+        library_name="transformers",
+        base_model=base_name,
+        tags=["t2tune", "text2text", *(t.name for t in tasks)],
+        pipeline_tag="text-generation",
+    )
+    return str(
+        ModelCard(f"""---
 {data.to_yaml()}
 ---
 
@@ -339,6 +369,7 @@ Trained for {state.optimizer_step} optimizer steps ({state.tokens_seen:,} tokens
 No upload was attempted. To publish this folder:
 
 ```
-huggingface-cli upload YOUR_NAME/{names.replace(" + ", "-")}-{base_name.split('/')[-1]} . .
+huggingface-cli upload YOUR_NAME/{names.replace(" + ", "-")}-{base_name.split("/")[-1]} . .
 ```
-"""))
+""")
+    )

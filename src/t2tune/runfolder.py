@@ -118,23 +118,38 @@ class RunFolder:
         aside = None
         if self.root.is_dir() and self._is_run():
             # before anything is opened or written in it: no link may lead out of the folder
-            refuse_links(self.root, [MARKER, LOCK, self.config.name, self.metrics.name, self.plots.name,
-                                     self.trackers.name, self.export.name, self.checkpoints_root.name],
-                         {self.plots.name: 1, self.checkpoints_root.name: 2})
+            refuse_links(
+                self.root,
+                [
+                    MARKER,
+                    LOCK,
+                    self.config.name,
+                    self.metrics.name,
+                    self.plots.name,
+                    self.trackers.name,
+                    self.export.name,
+                    self.checkpoints_root.name,
+                ],
+                {self.plots.name: 1, self.checkpoints_root.name: 2},
+            )
         if self.root.exists() and not self._is_run():
             if not self.root.is_dir():
                 raise UserError(f"out_dir: {self.root} is a file, not a folder")
             if any(self.root.iterdir()):
                 if not overwrite:
-                    raise UserError(f"out_dir: {self.root} is not empty and was not created by t2tune; nothing "
-                                    "was changed. Use another out_dir, or --overwrite to move it aside")
+                    raise UserError(
+                        f"out_dir: {self.root} is not empty and was not created by t2tune; nothing "
+                        "was changed. Use another out_dir, or --overwrite to move it aside"
+                    )
                 aside = move_aside(self.root)
         lock = self._lock()
         try:
             problem = self._config_problem(cfg)
             if problem and not overwrite:
-                raise UserError(f"out_dir: {self.root} {problem}; use another out_dir, or --overwrite to move "
-                                "the old run aside and start afresh")
+                raise UserError(
+                    f"out_dir: {self.root} {problem}; use another out_dir, or --overwrite to move "
+                    "the old run aside and start afresh"
+                )
             if problem:
                 lock.release()
                 aside = move_aside(self.root)
@@ -180,8 +195,10 @@ class RunFolder:
 
         if not self.config.is_file():
             if self.checkpoints():
-                return ("holds checkpoints but no config.yaml, so they cannot be checked against this config "
-                        "(restore config.yaml to resume)")
+                return (
+                    "holds checkpoints but no config.yaml, so they cannot be checked against this config "
+                    "(restore config.yaml to resume)"
+                )
             return None
         try:
             old = read_yaml(self.config)
@@ -247,5 +264,3 @@ def weights_folder(path: Path) -> Path:
 
 
 NF4_FILE = "t2tune-nf4.json"  # in an adapter folder: the 4-bit quantization its base was trained in (QLoRA)
-
-

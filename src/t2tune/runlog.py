@@ -38,22 +38,36 @@ class RunLog:
         open the progress bar."""
         t = self.cfg.train
         if self.trackers is not None:
-            self.trackers.start(self.folder.root.name, self.cfg.to_dict(),
-                                tracker_settings(self.cfg.log.to, self.folder.trackers))
+            self.trackers.start(
+                self.folder.root.name, self.cfg.to_dict(), tracker_settings(self.cfg.log.to, self.folder.trackers)
+            )
         self.peak = peak_tflops(self.accelerator.device, self.peak_dtype, t.peak_tflops)
         self.packing_efficiency = round(packing_efficiency(rows, t.seq_len), 4)
         self._since = time.perf_counter()
-        self.file.write({"event": "start", "step": state.optimizer_step, "resumed": resumed, "rows": len(rows),
-                         **event, "packing_efficiency": self.packing_efficiency,
-                         "flops_per_token": self.flops.per_token, "flops_per_label": self.flops.per_label,
-                         "peak_tflops": round(self.peak.tflops, 4), "peak_source": self.peak.source,
-                         "peak_probes": self.peak.spread, "peak_measured_at": self.peak.measured_at or None,
-                         "processes": self.accelerator.num_processes, "t2tune": __version__})
+        self.file.write(
+            {
+                "event": "start",
+                "step": state.optimizer_step,
+                "resumed": resumed,
+                "rows": len(rows),
+                **event,
+                "packing_efficiency": self.packing_efficiency,
+                "flops_per_token": self.flops.per_token,
+                "flops_per_label": self.flops.per_label,
+                "peak_tflops": round(self.peak.tflops, 4),
+                "peak_source": self.peak.source,
+                "peak_probes": self.peak.spread,
+                "peak_measured_at": self.peak.measured_at or None,
+                "processes": self.accelerator.num_processes,
+                "t2tune": __version__,
+            }
+        )
         from tqdm.auto import tqdm
 
         total = None if t.steps == "auto" else t.steps
-        self.bar = tqdm(total=total, initial=state.optimizer_step, disable=not self.main, unit="step",
-                        dynamic_ncols=True)
+        self.bar = tqdm(
+            total=total, initial=state.optimizer_step, disable=not self.main, unit="step", dynamic_ncols=True
+        )
 
     def close_bar(self) -> None:
         if self.bar is not None:
@@ -79,25 +93,50 @@ class RunLog:
 
     def progress(self, result: StepResult, seconds: float, lr: float) -> None:
         tps = result.tokens / seconds if seconds else 0.0
-        self.bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}",
-                             mfu=f"{self.step_mfu(result, seconds):.1%}", refresh=False)
+        self.bar.set_postfix(
+            loss=f"{result.loss:.4f}",
+            lr=f"{lr:.2e}",
+            tok_s=f"{tps:,.0f}",
+            mfu=f"{self.step_mfu(result, seconds):.1%}",
+            refresh=False,
+        )
         self.bar.update(1)
 
     def train(self, state: TrainState, result: StepResult, seconds: float, lr: float) -> None:
-        self.file.write({"event": "train", "step": state.optimizer_step, "loss": result.loss, "lr": lr,
-                         "tokens_per_s": result.tokens / seconds if seconds else 0.0,
-                         "mfu": round(self.step_mfu(result, seconds), 5), "grad_norm": result.grad_norm,
-                         "epoch": state.epoch, "tokens_seen": state.tokens_seen,
-                         "train_seconds": round(state.train_seconds, 3), "wall_seconds": round(self.tick(state), 3)})
+        self.file.write(
+            {
+                "event": "train",
+                "step": state.optimizer_step,
+                "loss": result.loss,
+                "lr": lr,
+                "tokens_per_s": result.tokens / seconds if seconds else 0.0,
+                "mfu": round(self.step_mfu(result, seconds), 5),
+                "grad_norm": result.grad_norm,
+                "epoch": state.epoch,
+                "tokens_seen": state.tokens_seen,
+                "train_seconds": round(state.train_seconds, 3),
+                "wall_seconds": round(self.tick(state), 3),
+            }
+        )
 
-    def validation(self, state: TrainState, summary: dict[str, Any], metrics: dict[str, Any], line: str,
-                   tasks: list[str] | None) -> None:
+    def validation(
+        self, state: TrainState, summary: dict[str, Any], metrics: dict[str, Any], line: str, tasks: list[str] | None
+    ) -> None:
         """The main process's record of a validation: the eval event, the progress line, plots
         and tracker images (``tasks``: a mixture's task names, each with its own plots)."""
         share = state.eval_seconds / max(self.tick(state), 1e-9)
-        self.file.write({"event": "eval", "step": state.optimizer_step, **summary, "best_step": state.best["step"],
-                         "train_seconds": round(state.train_seconds, 3), "eval_seconds": round(state.eval_seconds, 3),
-                         "validation_share": round(share, 4), "metrics": metrics})
+        self.file.write(
+            {
+                "event": "eval",
+                "step": state.optimizer_step,
+                **summary,
+                "best_step": state.best["step"],
+                "train_seconds": round(state.train_seconds, 3),
+                "eval_seconds": round(state.eval_seconds, 3),
+                "validation_share": round(share, 4),
+                "metrics": metrics,
+            }
+        )
         if self.bar is not None:
             self.bar.write(line)
         by_task = {"": metrics} if tasks is None else {f"{name}-": metrics[name] for name in tasks}
@@ -105,45 +144,79 @@ class RunLog:
         if self.trackers is not None:
             for prefix in by_task:
                 for name in ("confusion", "reliability"):
-                    self.trackers.image(f"eval/{prefix.replace('-', '/')}{name}",
-                                        self.folder.plots / f"{prefix}{name}.png", state.optimizer_step)
+                    self.trackers.image(
+                        f"eval/{prefix.replace('-', '/')}{name}",
+                        self.folder.plots / f"{prefix}{name}.png",
+                        state.optimizer_step,
+                    )
 
-    def summary(self, state: TrainState, best_key: str, exported: dict[str, Any], gate: Any, merge_loss: Any,
-                packing_report: dict[str, Any]) -> dict[str, Any]:
+    def summary(
+        self,
+        state: TrainState,
+        best_key: str,
+        exported: dict[str, Any],
+        gate: Any,
+        merge_loss: Any,
+        packing_report: dict[str, Any],
+    ) -> dict[str, Any]:
         """The end-of-run numbers; printed as a few lines on stderr, returned for metrics.jsonl."""
         s, t = state, self.cfg.train
         wall = max(s.wall_seconds, 1e-9)
         tps = s.tokens_seen / s.train_seconds if s.train_seconds else 0.0
-        numbers = {"tokens_seen": s.tokens_seen, "train_seconds": round(s.train_seconds, 3),
-                   "eval_seconds": round(s.eval_seconds, 3), "wall_seconds": round(s.wall_seconds, 3),
-                   "tokens_per_s": round(tps, 1), "mfu": round(self.mfu(s.model_flops, s.train_seconds), 5),
-                   "packing_efficiency": self.packing_efficiency,
-                   "validation_share": round(s.eval_seconds / wall, 4), "best": s.best,
-                   "exported_step": exported.get("step"), "export": str(self.folder.export),
-                   "gate_drift": gate.drift if gate else None, "merge_rounding_lost": round(merge_loss.share, 4),
-                   "peak_tflops": round(self.peak.tflops, 4), "peak_source": self.peak.source,
-                   "peak_rss_gib": RSS.gib()}
+        numbers = {
+            "tokens_seen": s.tokens_seen,
+            "train_seconds": round(s.train_seconds, 3),
+            "eval_seconds": round(s.eval_seconds, 3),
+            "wall_seconds": round(s.wall_seconds, 3),
+            "tokens_per_s": round(tps, 1),
+            "mfu": round(self.mfu(s.model_flops, s.train_seconds), 5),
+            "packing_efficiency": self.packing_efficiency,
+            "validation_share": round(s.eval_seconds / wall, 4),
+            "best": s.best,
+            "exported_step": exported.get("step"),
+            "export": str(self.folder.export),
+            "gate_drift": gate.drift if gate else None,
+            "merge_rounding_lost": round(merge_loss.share, 4),
+            "peak_tflops": round(self.peak.tflops, 4),
+            "peak_source": self.peak.source,
+            "peak_rss_gib": RSS.gib(),
+        }
         precision = "bf16" if t.precision == "bf16" else str(self.peak_dtype).removeprefix("torch.")
-        say(f"{s.optimizer_step} steps, {s.tokens_seen:,} tokens in {s.wall_seconds / 60:.1f} min: training "
+        say(
+            f"{s.optimizer_step} steps, {s.tokens_seen:,} tokens in {s.wall_seconds / 60:.1f} min: training "
             f"{s.train_seconds / 60:.1f} min at {tps:,.0f} tokens/s (MFU {numbers['mfu']:.1%} of "
             f"{self.peak.tflops:.3g} TFLOP/s {precision}, {self.peak.describe()}), "
             f"validation {s.eval_seconds / 60:.1f} min "
-            f"({numbers['validation_share']:.1%} of the wall time)")
+            f"({numbers['validation_share']:.1%} of the wall time)"
+        )
         test = packing_report
-        test_text = f"; packing self-test passed (drift {test['drift']:.2g} nats/token, {test['seconds']:.1f} s)" \
-            if test else ""
-        say(f"packing efficiency {numbers['packing_efficiency']:.1%} (real tokens ÷ row slots, "
-            f"train.packing: {t.packing}){test_text}")
-        best = f"best {best_key} {s.best[best_key]:.4f} at step {s.best['step']}; " \
-            if s.best.get(best_key) is not None else ""
-        gate_text = f"; export gate passed (drift {gate.drift:.2g}, {gate.dtype})" if gate else \
-            ("; export gate off" if not self.cfg.export.gate else "; export gate skipped (no validation rows)")
+        test_text = (
+            f"; packing self-test passed (drift {test['drift']:.2g} nats/token, {test['seconds']:.1f} s)"
+            if test
+            else ""
+        )
+        say(
+            f"packing efficiency {numbers['packing_efficiency']:.1%} (real tokens ÷ row slots, "
+            f"train.packing: {t.packing}){test_text}"
+        )
+        best = (
+            f"best {best_key} {s.best[best_key]:.4f} at step {s.best['step']}; "
+            if s.best.get(best_key) is not None
+            else ""
+        )
+        gate_text = (
+            f"; export gate passed (drift {gate.drift:.2g}, {gate.dtype})"
+            if gate
+            else ("; export gate off" if not self.cfg.export.gate else "; export gate skipped (no validation rows)")
+        )
         if gate and not gate.prompts:
             gate_text = "; export gate passed (the adapter, bit for bit)"
         if merge_loss.update_sq:
             gate_text += f"; the LoRA merge's rounding lost {merge_loss.share:.1%} of the update"
         peaks = ", ".join(f"{k} {v:.2f}" for k, v in numbers["peak_rss_gib"].items())
         say(f"peak RSS (GiB) by stage: {peaks}")
-        say(f"{best}exported step {exported.get('step')} (export.from: {self.cfg.export.from_}) to "
-            f"{self.folder.export}{gate_text}")
+        say(
+            f"{best}exported step {exported.get('step')} (export.from: {self.cfg.export.from_}) to "
+            f"{self.folder.export}{gate_text}"
+        )
         return numbers

@@ -78,8 +78,9 @@ def model_flops(model: Any, seq_len: int) -> ModelFlops:
     config = model.config
     layers, width = config.num_hidden_layers, config.hidden_size
     head_trained = any(p.requires_grad for p in model.get_output_embeddings().parameters()) if head else False
-    return ModelFlops(6.0 * trained + 4.0 * frozen + 12.0 * layers * width * seq_len,
-                      (6.0 if head_trained else 4.0) * head)
+    return ModelFlops(
+        6.0 * trained + 4.0 * frozen + 12.0 * layers * width * seq_len, (6.0 if head_trained else 4.0) * head
+    )
 
 
 def packing_efficiency(rows: Sequence[PackedRow], seq_len: int) -> float:
@@ -128,16 +129,22 @@ class Peak:
         if not self.probes:
             return {}
         ordered = sorted(self.probes)
-        return {"min": round(ordered[0], 4), "median": round(statistics.median(ordered), 4),
-                "best": round(ordered[-1], 4), "probes": len(ordered)}
+        return {
+            "min": round(ordered[0], 4),
+            "median": round(statistics.median(ordered), 4),
+            "best": round(ordered[-1], 4),
+            "probes": len(ordered),
+        }
 
     def describe(self) -> str:
         """``"measured at start 17:45 UTC; probes min 0.25, median 0.3"``, or the setting or the cache."""
         if self.source != "measured at start":
             return self.source
         spread = self.spread
-        return (f"measured at start {self.measured_at[11:16]} UTC; probes min {spread['min']:.3g}, "
-                f"median {spread['median']:.3g}")
+        return (
+            f"measured at start {self.measured_at[11:16]} UTC; probes min {spread['min']:.3g}, "
+            f"median {spread['median']:.3g}"
+        )
 
 
 def peak_tflops(device: torch.device, dtype: torch.dtype, given: float | None = None) -> Peak:
@@ -163,8 +170,7 @@ def peak_tflops(device: torch.device, dtype: torch.dtype, given: float | None = 
             when = entry.get("measured_at") if isinstance(entry.get("measured_at"), str) else "at an unknown time"
             return Peak(float(entry["tflops"]), f"cached, measured {when}")
         return Peak(0.0, "not measured (the probe failed here, and no cached figure)")
-    peak = Peak(max(probes), "measured at start", tuple(probes),
-                time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    peak = Peak(max(probes), "measured at start", tuple(probes), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     known[key] = {"tflops": round(peak.tflops, 4), "measured_at": peak.measured_at}
     try:
         with atomic_file(path) as handle:
@@ -174,8 +180,7 @@ def peak_tflops(device: torch.device, dtype: torch.dtype, given: float | None = 
     return peak
 
 
-def measure_peak_probes(device: torch.device, dtype: torch.dtype, seconds: float = 0.5,
-                        probes: int = 5) -> list[float]:
+def measure_peak_probes(device: torch.device, dtype: torch.dtype, seconds: float = 0.5, probes: int = 5) -> list[float]:
     """Dense matmul throughput of ``device`` in ``dtype``: timed runs of four matmuls each
     (TFLOP/s of each run) while ``seconds`` last, at least ``probes`` of them unless that takes
     four times as long (an emulated dtype: one run can take a minute), and at least one."""

@@ -1,7 +1,8 @@
 """Tasks: how a data row becomes a prompt and a target, and how generated text becomes an answer.
 
 A training example is ``prompt + answer_text(target) + EOS``, the answer being a space and the
-target; a validation prompt stops after the prompt (which ends with ``target:``). For MNLI and GPT-J this is byte for byte the reference:
+target; a validation prompt stops after the prompt (which ends with ``target:``). For MNLI and
+GPT-J this is byte for byte the reference:
 
     >>> t = get_task("mnli")
     >>> row = {"hypothesis": "H.", "premise": "P.", "label": "neutral"}
@@ -24,9 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import short
+from .errors import ConfigError, short
 from .yamlfile import read_yaml
-from .errors import ConfigError
 
 # A generation that is no label word. None, not a string: no label a user writes can equal it.
 INVALID = None
@@ -94,6 +94,7 @@ class Task:
 
 
 # --- built-in tasks -------------------------------------------------------------------------
+
 
 def _squad_prepare(row: dict[str, Any]) -> dict[str, Any]:
     """Adds ``answer`` (the first reference, the training target) and ``references``; rows
@@ -191,25 +192,53 @@ def _conll_prepare(row: dict[str, Any]) -> dict[str, Any]:
 
 def _glue_nli(name: str, labels: tuple[str, ...], hub_config: str, val_split: str, **kw: Any) -> Task:
     return Task(
-        name=name, prompt=name + " hypothesis: {hypothesis} premise: {premise} target:", labels=labels,
+        name=name,
+        prompt=name + " hypothesis: {hypothesis} premise: {premise} target:",
+        labels=labels,
         aliases={"sentence1": "premise", "sentence2": "hypothesis", "gold_label": "label"},
-        truncate_field="premise", hub=("nyu-mll/glue", hub_config, val_split), **kw)
+        truncate_field="premise",
+        hub=("nyu-mll/glue", hub_config, val_split),
+        **kw,
+    )
 
 
 BUILTIN: dict[str, Task] = {
-    "mnli": _glue_nli("mnli", ("entailment", "neutral", "contradiction"), "mnli", "validation_mismatched",
-                      description="GLUE MNLI, the reference's exact T5-style format"),
-    "rte": _glue_nli("rte", ("entailment", "not_entailment"), "rte", "validation",
-                     description="GLUE RTE, binary entailment"),
-    "sst2": Task(name="sst2", prompt="sst2 sentence: {sentence} target:", labels=("negative", "positive"),
-                 hub=("nyu-mll/glue", "sst2", "validation"), description="GLUE SST-2 sentiment"),
-    "squad": Task(name="squad", prompt="question: {question} context: {context} target:", target="{answer}",
-                  metric="squad", truncate_field="context", prepare=_squad_prepare,
-                  hub=("rajpurkar/squad", None, "validation"),
-                  description="extractive QA (SQuAD v1.1 style), exact match and F1"),
-    "conll2003": Task(name="conll2003", prompt="conll2003 sentence: {sentence} target:", target="{entities}",
-                      metric="entities", prepare=_conll_prepare, hub=("eriktks/conll2003", None, "validation"),
-                      description="named entities as text: 'PER: John Smith; LOC: Paris' or 'none'"),
+    "mnli": _glue_nli(
+        "mnli",
+        ("entailment", "neutral", "contradiction"),
+        "mnli",
+        "validation_mismatched",
+        description="GLUE MNLI, the reference's exact T5-style format",
+    ),
+    "rte": _glue_nli(
+        "rte", ("entailment", "not_entailment"), "rte", "validation", description="GLUE RTE, binary entailment"
+    ),
+    "sst2": Task(
+        name="sst2",
+        prompt="sst2 sentence: {sentence} target:",
+        labels=("negative", "positive"),
+        hub=("nyu-mll/glue", "sst2", "validation"),
+        description="GLUE SST-2 sentiment",
+    ),
+    "squad": Task(
+        name="squad",
+        prompt="question: {question} context: {context} target:",
+        target="{answer}",
+        metric="squad",
+        truncate_field="context",
+        prepare=_squad_prepare,
+        hub=("rajpurkar/squad", None, "validation"),
+        description="extractive QA (SQuAD v1.1 style), exact match and F1",
+    ),
+    "conll2003": Task(
+        name="conll2003",
+        prompt="conll2003 sentence: {sentence} target:",
+        target="{entities}",
+        metric="entities",
+        prepare=_conll_prepare,
+        hub=("eriktks/conll2003", None, "validation"),
+        description="named entities as text: 'PER: John Smith; LOC: Paris' or 'none'",
+    ),
 }
 
 
@@ -253,12 +282,22 @@ def label_problems(labels: list[str]) -> list[str]:
         if x in seen:
             problems.append(f"'labels': {short(x)} is given twice")
         seen.add(x)
-    return problems + [f"'labels': {short(x)} has white space around it, which answers never have"
-                       for x in labels if x != x.strip()]
+    return problems + [
+        f"'labels': {short(x)} has white space around it, which answers never have" for x in labels if x != x.strip()
+    ]
 
 
-TASK_KEYS = {"name", "prompt", "target", "labels", "metric", "extra_metrics", "aliases", "truncate_field",
-             "description"}
+TASK_KEYS = {
+    "name",
+    "prompt",
+    "target",
+    "labels",
+    "metric",
+    "extra_metrics",
+    "aliases",
+    "truncate_field",
+    "description",
+}
 
 
 def load_task_file(path: Path) -> Task:
@@ -274,11 +313,14 @@ def load_task_file(path: Path) -> Task:
     errors += template_problems("target", spec.get("target", "{label}"))
     if not errors:  # the prompt must not hand the model its answer
         answer = set(PLACEHOLDER.findall(spec.get("target", "{label}")))
-        errors += [f"'prompt' holds {{{name}}}, which is the target: the model would read its answer"
-                   for name in sorted(set(PLACEHOLDER.findall(spec["prompt"])) & answer)]
+        errors += [
+            f"'prompt' holds {{{name}}}, which is the target: the model would read its answer"
+            for name in sorted(set(PLACEHOLDER.findall(spec["prompt"])) & answer)
+        ]
     labels = spec.get("labels")
-    if labels is not None and (not isinstance(labels, list) or len(labels) < 2
-                               or not all(isinstance(x, str) and x.strip() for x in labels)):
+    if labels is not None and (
+        not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) and x.strip() for x in labels)
+    ):
         errors.append("'labels' must be a list of at least two non-empty strings")
     elif labels is not None:
         errors += label_problems(labels)
@@ -299,11 +341,18 @@ def load_task_file(path: Path) -> Task:
     if errors:
         raise ConfigError(f"{path}: " + "; ".join(errors))
     target = spec.get("target", "{label}")
-    return Task(name=spec.get("name", path.stem), prompt=spec["prompt"], target=target,
-                labels=tuple(labels) if labels else None, metric=metric, extra_metrics=tuple(extra),
-                aliases=dict(aliases), truncate_field=spec.get("truncate_field"),
-                prepare=_squad_prepare if metric == "squad" and "{answer}" in target else None,
-                description=spec.get("description", f"custom task from {path}"))
+    return Task(
+        name=spec.get("name", path.stem),
+        prompt=spec["prompt"],
+        target=target,
+        labels=tuple(labels) if labels else None,
+        metric=metric,
+        extra_metrics=tuple(extra),
+        aliases=dict(aliases),
+        truncate_field=spec.get("truncate_field"),
+        prepare=_squad_prepare if metric == "squad" and "{answer}" in target else None,
+        description=spec.get("description", f"custom task from {path}"),
+    )
 
 
 def get_task(name_or_path: str) -> Task:
@@ -314,5 +363,7 @@ def get_task(name_or_path: str) -> Task:
         if not path.is_file():
             raise ConfigError(f"task: file {path} not found")
         return load_task_file(path)
-    raise ConfigError(f"task: unknown task '{name_or_path}'; built-in tasks are {', '.join(BUILTIN)}, "
-                      "or give the path of a task .yaml file")
+    raise ConfigError(
+        f"task: unknown task '{name_or_path}'; built-in tasks are {', '.join(BUILTIN)}, "
+        "or give the path of a task .yaml file"
+    )

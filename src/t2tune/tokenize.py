@@ -47,8 +47,9 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[str], max_len: int) -> list
     return [p[-max_len:] for p in ids]
 
 
-def encode_for_training(task: Task, rows: Sequence[dict[str, Any]], tokenizer: Any,
-                        seq_len: int, truncate: bool) -> tuple[list[Encoded], int]:
+def encode_for_training(
+    task: Task, rows: Sequence[dict[str, Any]], tokenizer: Any, seq_len: int, truncate: bool
+) -> tuple[list[Encoded], int]:
     """Returns the encoded examples and how many were dropped because truncation cut their answer."""
     limit = seq_len + 1
     encoded = encode_examples(tokenizer, [task.prompt_text(r) for r in rows], [task.target_text(r) for r in rows])
@@ -59,9 +60,11 @@ def encode_for_training(task: Task, rows: Sequence[dict[str, Any]], tokenizer: A
             out.append(example)
             continue
         if not truncate:
-            raise DataError(f"{row.get('_where', '?')}: example is {len(example.ids)} tokens, longer than a "
-                            f"training row (train.seq_len + 1 = {limit}); raise train.seq_len or set "
-                            "train.truncate=true")
+            raise DataError(
+                f"{row.get('_where', '?')}: example is {len(example.ids)} tokens, longer than a "
+                f"training row (train.seq_len + 1 = {limit}); raise train.seq_len or set "
+                "train.truncate=true"
+            )
         fitted = _truncate(task, row, example, tokenizer, limit)
         if fitted is None:
             dropped += 1
@@ -96,16 +99,15 @@ def _truncate(task: Task, row: dict[str, Any], example: Encoded, tokenizer: Any,
             if len(example.ids) <= limit:
                 return example
         return None
-    target = example.ids[example.n_prompt:]
+    target = example.ids[example.n_prompt :]
     if len(target) >= limit:
         return None
     keep = limit - len(target)  # keep the end of the prompt: it holds "target:"
-    prompt = example.ids[:example.n_prompt][-keep:]
+    prompt = example.ids[: example.n_prompt][-keep:]
     return Encoded(prompt + target, len(prompt))
 
 
-def generation_length(task: Task, tokenizer: Any, targets: Sequence[str], seq_len: int,
-                      longest_prompt: int) -> int:
+def generation_length(task: Task, tokenizer: Any, targets: Sequence[str], seq_len: int, longest_prompt: int) -> int:
     """``eval.max_new_tokens: auto``. Label tasks: the longest label with EOS (nothing longer can
     be a valid answer). Free text: the longest of ``targets`` with EOS (the training targets,
     or labelled evaluation rows), plus a margin of a quarter and at least 4 tokens; capped by

@@ -134,8 +134,9 @@ def budget_factor(fraction: float, cfg: TrainConfig) -> float:
     return decay_factor(min(1.0, (fraction - warmup) / (1 - warmup)), cfg)
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
-                   budget_spent: Callable[[], float] | None = None) -> torch.optim.lr_scheduler.LambdaLR:
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: TrainConfig, budget_spent: Callable[[], float] | None = None
+) -> torch.optim.lr_scheduler.LambdaLR:
     """The lr schedule: by optimizer step, or (``budget_spent`` given: ``steps: auto``) by the
     fraction of the time budget spent."""
     if budget_spent is not None:
@@ -152,7 +153,7 @@ def next_positions(rows_in: Callable[[int], int], state: TrainState, size: int, 
         if n_rows <= 0 or not 0 <= state.row_in_epoch < n_rows:  # (would never advance)
             raise ValueError(f"data position {state.row_in_epoch} is outside epoch {state.epoch}'s {n_rows} rows")
         order = epoch_order(n_rows, seed, state.epoch)
-        take = order[state.row_in_epoch:state.row_in_epoch + size - len(picked)]
+        take = order[state.row_in_epoch : state.row_in_epoch + size - len(picked)]
         picked.extend((state.epoch, index) for index in take)
         state.row_in_epoch += len(take)
         if state.row_in_epoch >= n_rows:
@@ -186,10 +187,12 @@ def train_step(engine: TrainParts, batch: Sequence[PackedRow], cfg: TrainConfig)
     world, rank = acc.num_processes, acc.process_index
     mine = list(batch[rank::world])
     micro = cfg.micro_batch_size
-    batches = [collate(mine[s:s + micro], engine.pad_id) for s in range(0, len(mine), micro)]
+    batches = [collate(mine[s : s + micro], engine.pad_id) for s in range(0, len(mine), micro)]
     device = acc.device
-    counts = torch.tensor([float(sum((b["labels"] != IGNORE_INDEX).sum().item() for b in batches)),
-                           float(sum(row.real for row in mine))], device=device)
+    counts = torch.tensor(
+        [float(sum((b["labels"] != IGNORE_INDEX).sum().item() for b in batches)), float(sum(row.real for row in mine))],
+        device=device,
+    )
     counts = acc.reduce(counts, reduction="sum")
     label_tokens = max(1.0, counts[0].item())
     loss_sum = torch.zeros((), device=device)

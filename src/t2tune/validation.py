@@ -63,17 +63,27 @@ def metric_choices(members: list[Member]) -> list[str]:
     return [f"{m.name}/{key}" for m in members for key in metric_names(m.task, m.eval_config.mode)] + ["mean"]
 
 
-def validate_member(model: Any, tokenizer: Any, member: Member, processes: Any, metric: Callable | None = None,
-                    limit: int | None = None) -> EvalResult:
+def validate_member(
+    model: Any, tokenizer: Any, member: Member, processes: Any, metric: Callable | None = None, limit: int | None = None
+) -> EvalResult:
     """Validate one task on its eval rows with its eval config (every process takes a share of
     the rows); metrics via the user's ``metric`` when given, on the main process."""
     ec = member.eval_config
     rows = member.eval_rows[: (limit or ec.limit or len(member.eval_rows))]
-    result = evaluate(model, tokenizer, member.task, rows, ec, with_metrics=metric is None, processes=processes,
-                      targets=member.targets)
+    result = evaluate(
+        model,
+        tokenizer,
+        member.task,
+        rows,
+        ec,
+        with_metrics=metric is None,
+        processes=processes,
+        targets=member.targets,
+    )
     if metric is not None and processes.is_main_process:
-        result.metrics = dict(metric([r["prediction"] for r in result.records],
-                                     [member.task.references(r) for r in rows]))
+        result.metrics = dict(
+            metric([r["prediction"] for r in result.records], [member.task.references(r) for r in rows])
+        )
     return result
 
 
@@ -82,17 +92,26 @@ def combined(results: list[tuple[Member, EvalResult]], mixture: bool) -> tuple[d
     numbers as ``<task>/<metric>``, their headlines' unweighted ``mean``, and each task's summary
     and metrics under its name."""
     if not mixture:
-        (member, result), = results
+        ((member, result),) = results
         return result.summary(member.task, member.eval_config.mode), result.metrics
     per = {m.name: r.summary(m.task, m.eval_config.mode) for m, r in results}
-    flat = {f"{m.name}/{key}": per[m.name][key] for m, _ in results
-            for key in metric_names(m.task, m.eval_config.mode) if key in per[m.name]}
+    flat = {
+        f"{m.name}/{key}": per[m.name][key]
+        for m, _ in results
+        for key in metric_names(m.task, m.eval_config.mode)
+        if key in per[m.name]
+    }
     heads = [per[m.name][headline(m.task)] for m, _ in results]
     seconds = sum(r.seconds for _, r in results)
     n = sum(len(r.records) for _, r in results)
-    summary = {**flat, "mean": sum(heads) / len(heads), "n": n,
-               "examples_per_s": round(n / seconds, 3) if seconds else None,
-               "headlines": [f"{m.name}/{headline(m.task)}" for m, _ in results], "tasks": per}
+    summary = {
+        **flat,
+        "mean": sum(heads) / len(heads),
+        "n": n,
+        "examples_per_s": round(n / seconds, 3) if seconds else None,
+        "headlines": [f"{m.name}/{headline(m.task)}" for m, _ in results],
+        "tasks": per,
+    }
     return summary, {m.name: r.metrics for m, r in results}
 
 
@@ -109,8 +128,10 @@ class Best:
         """Record a validation of ``state.optimizer_step`` in the state (last, best, patience
         count); returns whether it is a new best."""
         if self.key not in summary:
-            raise ConfigError(f"eval.metric: the validation reports no {self.key!r}; it reports "
-                              f"{', '.join(k for k, v in summary.items() if isinstance(v, (int, float)))}")
+            raise ConfigError(
+                f"eval.metric: the validation reports no {self.key!r}; it reports "
+                f"{', '.join(k for k, v in summary.items() if isinstance(v, (int, float)))}"
+            )
         step, value = state.optimizer_step, summary[self.key]
         improved = not state.best or (value > state.best[self.key] if self.higher else value < state.best[self.key])
         state.best = {**summary, "step": step} if improved else state.best
@@ -121,5 +142,7 @@ class Best:
     def line(self, summary: dict[str, Any], state: TrainState) -> str:
         """The progress line of a validation (a mixture's leads with every task's headline)."""
         heads = "".join(f"{name} {summary[name]:.4f}, " for name in summary.get("headlines", []))
-        return (f"step {state.optimizer_step}: {heads}{self.key} {summary[self.key]:.4f} (best "
-                f"{state.best[self.key]:.4f} at step {state.best['step']}), {summary['examples_per_s']} examples/s")
+        return (
+            f"step {state.optimizer_step}: {heads}{self.key} {summary[self.key]:.4f} (best "
+            f"{state.best[self.key]:.4f} at step {state.best['step']}), {summary['examples_per_s']} examples/s"
+        )
