@@ -10,7 +10,7 @@ from typing import Any
 
 from .config import EvalConfig, RunConfig
 from .evaluation import EvalResult
-from .recipe import Run, RunResult, prepare
+from .recipe import Run, RunResult, export_weights, prepare
 from .tasks import Task
 from .training import TrainState
 
@@ -73,5 +73,5 @@ class Trainer:
         return self.run.evaluate(limit)
 
     def save_hf_checkpoint(self, path: str | Path, merge: bool = True) -> Path:
-        self.run.export(Path(path), merge)
+        export_weights(self.run, Path(path), merge)
         return Path(path)

@@ -8,20 +8,22 @@
     │   ├─ data                           load_examples, a task's hub defaults filled in
     │   ├─ model                          load_model; seed; dropout / checkpointing / LoRA
     │   ├─ tokenize + pack                rows of train.seq_len + 1 tokens
-    │   └─ accelerate                     LossModule, AdamW and the schedule on every process;
-    │                                     the trackers of log.to
+    │   └─ accelerate                     LossModule, AdamW, the schedule and train.ema's average
+    │                                     on every process; the trackers of log.to
     └─ Run.train()
         ├─ resume                         newest complete checkpoint: model, optimizer, RNG, data position
         ├─ packing self-test              isolated packing: packed losses = losses alone (guards.py)
         ├─ fit                            the loop: step, log, validate, checkpoint; stops on
         │                                 train.steps, train.max_minutes, a signal, a loss that
         │                                 is not finite, or eval.patience
-        ├─ validate, checkpoint           once after the loop (a signal stop only checkpoints;
-        │                                 a diverged run writes nothing more)
-        └─ export                         the best (or last) step's weights to hf/, reloaded and
+        └─ finish                         validate and checkpoint the last step (a signal stop only
+                                          checkpoints; a diverged run writes nothing more), the
+                                          best (or last) step's weights to hf/, reloaded and
                                           compared first (the export gate), then the summary
 
-Every process runs all of this; the main process alone writes the run folder's shared files.
+Run holds the loop's verbs; it hands reporting to runlog.RunLog, saving and resuming to
+checkpoint.Checkpointer, and what "best" means to validation.Best. Every process runs all of
+this; the main process alone writes the run folder's shared files.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ from .packing import PackedRow, pack
 from .precision import compute_dtype_of
 from .report import check_trackers
 from .runfolder import RunFolder
-from .runlog import RunLog
+from .runlog import RunLog, summary
 from .runtime import return_freed_memory
 from .tasks import Task
 from .tokenize import encode_for_training
@@ -443,32 +445,7 @@ class Run:
         if stopped == "diverged":  # the weights hold the bad update: save nothing, export nothing
             self.runlog.file.write({"event": "diverged", "step": self.state.optimizer_step + 1, **self.diverged})
             return RunResult(self.state, stopped, None, self.last_eval, None, self.main)
-        step = self.state.optimizer_step
-        if any(m.eval_rows for m in self.members) and self.last_eval.get("step") != step:
-            self.validate()
-        if step in [n for n, _ in self.folder.checkpoints()]:
-            weights = self.checkpointer.full_weights()
-        else:
-            weights = self.checkpoint()  # gathers the full weights once, for both
-        exported, weights = self.checkpointer.restore_exported(self.state, weights)
-        gate = self._gate(weights) if self.cfg.export.gate else None
-        failed = None
-        if self.main:
-            try:
-                report = self.export(
-                    self.folder.export, merge=self.cfg.export.merge, weights=weights, check=gate, exported=exported
-                )
-                self.runlog.tick(self.state)
-                end = self.runlog.summary(
-                    self.state, self.best.key, exported, report, self.merge_loss, self.packing_report
-                )
-                self.runlog.file.write({"event": "end", "step": step, "stopped": stopped, **end})
-            except UserError as exc:  # every process reaches the barrier below before it is raised
-                failed = exc
-        self.accelerator.wait_for_everyone()
-        if failed is not None:
-            raise failed
-        return RunResult(self.state, stopped, None, self.last_eval, self.folder.export, self.main)
+        return finish(self, stopped)
 
     # --- the loop's verbs ------------------------------------------------------------------
     def agree(self, seconds: float) -> float:
@@ -563,48 +540,80 @@ class Run:
             self.model, self.tokenizer, member or self.members[0], self.accelerator, self.metric, limit
         )
 
-    def _gate(self, weights: dict[str, Any] | None) -> Callable[[Path], GateReport] | None:
-        first = self.members[0]
-        wide = self.cfg.model.compute_dtype
-        return export_gate(
-            self.model,
-            self.tokenizer,
-            [first.task.prompt_text(r) for r in first.eval_rows[:GATE_PROMPTS]],
-            self.eval_config.seq_len,
-            self.accelerator,
-            merge=self.cfg.export.merge,
-            weights=weights,
-            dtype_name=self.cfg.model.dtype,
-            compute_dtype=DTYPES[wide] if wide else None,
-            merge_loss=self.merge_loss,
-        )
 
-    @staged("export")
-    def export(
-        self,
-        path: Path,
-        merge: bool = True,
-        weights: dict[str, Any] | None = None,
-        check: Callable[[Path], GateReport] | None = None,
-        exported: dict[str, Any] | None = None,
-    ) -> GateReport | None:
-        """Write the Hugging Face export (main process); ``weights``: gathered full weights;
-        ``check``: the export gate; ``exported``: the validation summary of the exported step
-        (default: the last validation). Returns the gate's report."""
-        shown = self.last_eval if exported is None else exported
-        return export_run(
-            self.model,
-            self.tokenizer,
-            path,
-            self.cfg,
-            [m.task for m in self.members],
-            self.state,
-            shown,
-            exported_line(self.state, shown, self.best.key, self.cfg.export.from_),
-            base_name=self.base_name,
-            merge=merge,
-            weights=weights,
-            check=check,
-            loss=self.merge_loss,
-            hint="; the checkpoints are kept, run `t2tune export` on the newest one",
-        )
+def finish(run: Run, stopped: str) -> RunResult:
+    """After a loop that ran to its end (steps, budget or patience): validate and checkpoint the
+    last step where that has not happened yet, restore the step to export (``export.from``),
+    export it behind the gate, and sum the run up."""
+    state, log = run.state, run.runlog
+    step = state.optimizer_step
+    if any(m.eval_rows for m in run.members) and run.last_eval.get("step") != step:
+        run.validate()
+    if step in [n for n, _ in run.folder.checkpoints()]:
+        weights = run.checkpointer.full_weights()
+    else:
+        weights = run.checkpoint()  # gathers the full weights once, for both
+    exported, weights = run.checkpointer.restore_exported(state, weights)
+    gate = _export_gate(run, weights) if run.cfg.export.gate else None
+    failed = None
+    if run.main:
+        try:
+            report = export_weights(run, run.folder.export, run.cfg.export.merge, weights, gate, exported)
+            log.tick(state)
+            end = summary(log, state, run.best.key, exported, report, run.merge_loss, run.packing_report)
+            log.file.write({"event": "end", "step": step, "stopped": stopped, **end})
+        except UserError as exc:  # every process reaches the barrier below before it is raised
+            failed = exc
+    run.accelerator.wait_for_everyone()
+    if failed is not None:
+        raise failed
+    return RunResult(state, stopped, None, run.last_eval, run.folder.export, run.main)
+
+
+def _export_gate(run: Run, weights: dict[str, Any] | None) -> Callable[[Path], GateReport] | None:
+    """The gate's check, on the first task's first validation prompts (guards.export_gate)."""
+    first, wide = run.members[0], run.cfg.model.compute_dtype
+    prompts = [first.task.prompt_text(r) for r in first.eval_rows[:GATE_PROMPTS]]
+    return export_gate(
+        run.model,
+        run.tokenizer,
+        prompts,
+        run.eval_config.seq_len,
+        run.accelerator,
+        merge=run.cfg.export.merge,
+        weights=weights,
+        dtype_name=run.cfg.model.dtype,
+        compute_dtype=DTYPES[wide] if wide else None,
+        merge_loss=run.merge_loss,
+    )
+
+
+@staged("export")
+def export_weights(
+    run: Run,
+    path: Path,
+    merge: bool = True,
+    weights: dict[str, Any] | None = None,
+    check: Callable[[Path], GateReport] | None = None,
+    exported: dict[str, Any] | None = None,
+) -> GateReport | None:
+    """Write ``run``'s Hugging Face export (main process); ``weights``: gathered full weights;
+    ``check``: the export gate; ``exported``: the validation summary of the exported step
+    (default: the last validation). Returns the gate's report."""
+    shown = run.last_eval if exported is None else exported
+    return export_run(
+        run.model,
+        run.tokenizer,
+        path,
+        run.cfg,
+        [m.task for m in run.members],
+        run.state,
+        shown,
+        exported_line(run.state, shown, run.best.key, run.cfg.export.from_),
+        base_name=run.base_name,
+        merge=merge,
+        weights=weights,
+        check=check,
+        loss=run.merge_loss,
+        hint="; the checkpoints are kept, run `t2tune export` on the newest one",
+    )

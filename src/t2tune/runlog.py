@@ -150,73 +150,70 @@ class RunLog:
                         state.optimizer_step,
                     )
 
-    def summary(
-        self,
-        state: TrainState,
-        best_key: str,
-        exported: dict[str, Any],
-        gate: Any,
-        merge_loss: Any,
-        packing_report: dict[str, Any],
-    ) -> dict[str, Any]:
-        """The end-of-run numbers; printed as a few lines on stderr, returned for metrics.jsonl."""
-        s, t = state, self.cfg.train
-        wall = max(s.wall_seconds, 1e-9)
-        tps = s.tokens_seen / s.train_seconds if s.train_seconds else 0.0
-        numbers = {
-            "tokens_seen": s.tokens_seen,
-            "train_seconds": round(s.train_seconds, 3),
-            "eval_seconds": round(s.eval_seconds, 3),
-            "wall_seconds": round(s.wall_seconds, 3),
-            "tokens_per_s": round(tps, 1),
-            "mfu": round(self.mfu(s.model_flops, s.train_seconds), 5),
-            "packing_efficiency": self.packing_efficiency,
-            "validation_share": round(s.eval_seconds / wall, 4),
-            "best": s.best,
-            "exported_step": exported.get("step"),
-            "export": str(self.folder.export),
-            "gate_drift": gate.drift if gate else None,
-            "merge_rounding_lost": round(merge_loss.share, 4),
-            "peak_tflops": round(self.peak.tflops, 4),
-            "peak_source": self.peak.source,
-            "peak_rss_gib": RSS.gib(),
-        }
-        precision = "bf16" if t.precision == "bf16" else str(self.peak_dtype).removeprefix("torch.")
-        say(
-            f"{s.optimizer_step} steps, {s.tokens_seen:,} tokens in {s.wall_seconds / 60:.1f} min: training "
-            f"{s.train_seconds / 60:.1f} min at {tps:,.0f} tokens/s (MFU {numbers['mfu']:.1%} of "
-            f"{self.peak.tflops:.3g} TFLOP/s {precision}, {self.peak.describe()}), "
-            f"validation {s.eval_seconds / 60:.1f} min "
-            f"({numbers['validation_share']:.1%} of the wall time)"
-        )
-        test = packing_report
-        test_text = (
-            f"; packing self-test passed (drift {test['drift']:.2g} nats/token, {test['seconds']:.1f} s)"
-            if test
-            else ""
-        )
-        say(
-            f"packing efficiency {numbers['packing_efficiency']:.1%} (real tokens ÷ row slots, "
-            f"train.packing: {t.packing}){test_text}"
-        )
-        best = (
-            f"best {best_key} {s.best[best_key]:.4f} at step {s.best['step']}; "
-            if s.best.get(best_key) is not None
-            else ""
-        )
-        gate_text = (
-            f"; export gate passed (drift {gate.drift:.2g}, {gate.dtype})"
-            if gate
-            else ("; export gate off" if not self.cfg.export.gate else "; export gate skipped (no validation rows)")
-        )
-        if gate and not gate.prompts:
-            gate_text = "; export gate passed (the adapter, bit for bit)"
-        if merge_loss.update_sq:
-            gate_text += f"; the LoRA merge's rounding lost {merge_loss.share:.1%} of the update"
-        peaks = ", ".join(f"{k} {v:.2f}" for k, v in numbers["peak_rss_gib"].items())
-        say(f"peak RSS (GiB) by stage: {peaks}")
-        say(
-            f"{best}exported step {exported.get('step')} (export.from: {self.cfg.export.from_}) to "
-            f"{self.folder.export}{gate_text}"
-        )
-        return numbers
+
+def summary(
+    log: RunLog,
+    state: TrainState,
+    best_key: str,
+    exported: dict[str, Any],
+    gate: Any,
+    merge_loss: Any,
+    packing_report: dict[str, Any],
+) -> dict[str, Any]:
+    """The end-of-run numbers; printed as a few lines on stderr, returned for metrics.jsonl."""
+    s, t = state, log.cfg.train
+    wall = max(s.wall_seconds, 1e-9)
+    tps = s.tokens_seen / s.train_seconds if s.train_seconds else 0.0
+    numbers = {
+        "tokens_seen": s.tokens_seen,
+        "train_seconds": round(s.train_seconds, 3),
+        "eval_seconds": round(s.eval_seconds, 3),
+        "wall_seconds": round(s.wall_seconds, 3),
+        "tokens_per_s": round(tps, 1),
+        "mfu": round(log.mfu(s.model_flops, s.train_seconds), 5),
+        "packing_efficiency": log.packing_efficiency,
+        "validation_share": round(s.eval_seconds / wall, 4),
+        "best": s.best,
+        "exported_step": exported.get("step"),
+        "export": str(log.folder.export),
+        "gate_drift": gate.drift if gate else None,
+        "merge_rounding_lost": round(merge_loss.share, 4),
+        "peak_tflops": round(log.peak.tflops, 4),
+        "peak_source": log.peak.source,
+        "peak_rss_gib": RSS.gib(),
+    }
+    precision = "bf16" if t.precision == "bf16" else str(log.peak_dtype).removeprefix("torch.")
+    say(
+        f"{s.optimizer_step} steps, {s.tokens_seen:,} tokens in {s.wall_seconds / 60:.1f} min: training "
+        f"{s.train_seconds / 60:.1f} min at {tps:,.0f} tokens/s (MFU {numbers['mfu']:.1%} of "
+        f"{log.peak.tflops:.3g} TFLOP/s {precision}, {log.peak.describe()}), "
+        f"validation {s.eval_seconds / 60:.1f} min "
+        f"({numbers['validation_share']:.1%} of the wall time)"
+    )
+    test = packing_report
+    test_text = (
+        f"; packing self-test passed (drift {test['drift']:.2g} nats/token, {test['seconds']:.1f} s)" if test else ""
+    )
+    say(
+        f"packing efficiency {numbers['packing_efficiency']:.1%} (real tokens ÷ row slots, "
+        f"train.packing: {t.packing}){test_text}"
+    )
+    best = (
+        f"best {best_key} {s.best[best_key]:.4f} at step {s.best['step']}; " if s.best.get(best_key) is not None else ""
+    )
+    gate_text = (
+        f"; export gate passed (drift {gate.drift:.2g}, {gate.dtype})"
+        if gate
+        else ("; export gate off" if not log.cfg.export.gate else "; export gate skipped (no validation rows)")
+    )
+    if gate and not gate.prompts:
+        gate_text = "; export gate passed (the adapter, bit for bit)"
+    if merge_loss.update_sq:
+        gate_text += f"; the LoRA merge's rounding lost {merge_loss.share:.1%} of the update"
+    peaks = ", ".join(f"{k} {v:.2f}" for k, v in numbers["peak_rss_gib"].items())
+    say(f"peak RSS (GiB) by stage: {peaks}")
+    say(
+        f"{best}exported step {exported.get('step')} (export.from: {log.cfg.export.from_}) to "
+        f"{log.folder.export}{gate_text}"
+    )
+    return numbers
