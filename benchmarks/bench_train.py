@@ -91,9 +91,55 @@ def worker_t2tune(objective: str, steps: int, micro: int = MICRO) -> dict:
     }
 
 
+def _hf_settings(steps: int) -> dict:
+    """What the Trainer and TRL arms share with t2tune's: batch, steps, lr, bf16 on the CPU."""
+    return dict(
+        output_dir=tempfile.mkdtemp(),
+        per_device_train_batch_size=MICRO,
+        max_steps=steps,
+        learning_rate=LR,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        bf16=True,
+        use_cpu=True,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        seed=42,
+        dataloader_num_workers=0,
+        max_grad_norm=1.0,
+        weight_decay=0.0,
+    )
+
+
+class _Clock:
+    """Each step's end time, input tokens seen and logged loss, from a Trainer callback."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+        self.tokens: list[int] = []
+        self.losses: list[float] = []
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        clock = self
+
+        class Callback(TrainerCallback):
+            def on_step_end(self, args, state, control, **kw):
+                clock.stamps.append(time.perf_counter())
+                clock.tokens.append(state.num_input_tokens_seen)
+
+            def on_log(self, args, state, control, logs=None, **kw):
+                if logs and "loss" in logs:
+                    clock.losses.append(logs["loss"])
+
+        return Callback()
+
+
 def worker_hf(objective: str, steps: int, malloc: bool = False) -> dict:
     from datasets import Dataset
-    from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
+    from transformers import Trainer, TrainingArguments, default_data_collator
 
     sys.path.insert(0, str(ROOT / "src"))
     if malloc:  # what t2tune's allocator setting alone gives the Trainer
@@ -122,36 +168,16 @@ def worker_hf(objective: str, steps: int, malloc: bool = False) -> dict:
             "labels": [labels[i * SEQ_LEN : (i + 1) * SEQ_LEN] for i in range(blocks)],
         }
     )
-    stamps, losses = [], []
-
-    class Clock(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            stamps.append(time.perf_counter())
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
-                losses.append(logs["loss"])
-
-    args = TrainingArguments(
-        output_dir=tempfile.mkdtemp(),
-        per_device_train_batch_size=MICRO,
-        max_steps=steps,
-        learning_rate=LR,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        bf16=True,
-        use_cpu=True,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        seed=42,
-        dataloader_num_workers=0,
-        max_grad_norm=1.0,
-        weight_decay=0.0,
-    )
+    clock = _Clock()
+    args = TrainingArguments(**_hf_settings(steps))
     Trainer(
-        model=loaded.model, args=args, train_dataset=ds, data_collator=default_data_collator, callbacks=[Clock()]
+        model=loaded.model,
+        args=args,
+        train_dataset=ds,
+        data_collator=default_data_collator,
+        callbacks=[clock.callback()],
     ).train()
+    stamps, losses = clock.stamps, clock.losses
     seconds = stamps[-1] - stamps[WARM - 1]
     tokens = (len(stamps) - WARM) * MICRO * SEQ_LEN
     return {
@@ -170,7 +196,6 @@ def worker_trl(objective: str, steps: int, strategy: str = "bfd") -> dict:
     2,048-token sequence under a block-diagonal mask); ``wrapped``: 256-token blocks cut across
     examples, which then attend to each other (cheaper, and not what the demo trains)."""
     from datasets import Dataset
-    from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     sys.path.insert(0, str(ROOT / "src"))
@@ -185,34 +210,10 @@ def worker_trl(objective: str, steps: int, strategy: str = "bfd") -> dict:
     ds = Dataset.from_dict(
         {"prompt": [task.prompt_text(r) for r in rows], "completion": [" " + task.target_text(r) for r in rows]}
     )
-    stamps, tokens, losses = [], [], []
-
-    class Clock(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            stamps.append(time.perf_counter())
-            tokens.append(state.num_input_tokens_seen)
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
-                losses.append(logs["loss"])
-
+    clock = _Clock()
     # every token of a packed batch is real: bfd is padding-free, wrapped fills its blocks
     args = SFTConfig(
-        output_dir=tempfile.mkdtemp(),
-        per_device_train_batch_size=MICRO,
-        max_steps=steps,
-        learning_rate=LR,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        bf16=True,
-        use_cpu=True,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        seed=42,
-        dataloader_num_workers=0,
-        max_grad_norm=1.0,
-        weight_decay=0.0,
+        **_hf_settings(steps),
         max_length=SEQ_LEN,
         packing=True,
         packing_strategy=strategy,
@@ -221,8 +222,9 @@ def worker_trl(objective: str, steps: int, strategy: str = "bfd") -> dict:
         dataset_num_proc=None,
     )
     SFTTrainer(
-        model=loaded.model, args=args, train_dataset=ds, processing_class=loaded.tokenizer, callbacks=[Clock()]
+        model=loaded.model, args=args, train_dataset=ds, processing_class=loaded.tokenizer, callbacks=[clock.callback()]
     ).train()
+    stamps, tokens, losses = clock.stamps, clock.tokens, clock.losses
     seconds = stamps[-1] - stamps[WARM - 1]
     return {
         "tokens_per_s": (tokens[-1] - tokens[WARM - 1]) / seconds,
