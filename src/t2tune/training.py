@@ -55,6 +55,9 @@ class TrainState:
             setattr(self, name, value)
 
 
+FUSED_DEVICES = ("cpu", "cuda")  # where torch's fused AdamW kernel runs
+
+
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW; weight decay skips biases and norm weights (every parameter with fewer than 2 dims)."""
     decay, no_decay = [], []
@@ -62,7 +65,11 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
         if param.requires_grad:
             (decay if param.ndim >= 2 else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    # torch's fused kernel makes one pass over each tensor where the default makes a dozen: the
+    # optimizer step of SmolLM2-135M on a CPU core takes 0.24 s instead of 1.3 s; the updates
+    # are the same up to rounding (docs/performance.md)
+    fused = all(p.device.type in FUSED_DEVICES and p.is_floating_point() for p in decay + no_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
