@@ -29,22 +29,38 @@ class Encoded:
     n_prompt: int
 
 
+TOKENIZE_CHUNK = 8192  # texts per tokenizer call: the tokenizer's per-text objects live for one chunk
+
+
+def token_ids(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
+    """The token ids of each text, without special tokens. In chunks and without attention
+    masks: at MNLI's real size (393k pairs) one call over every text held 2.9 GB of the
+    tokenizer's per-text objects at once."""
+    ids: list[list[int]] = []
+    for start in range(0, len(texts), TOKENIZE_CHUNK):
+        chunk = list(texts[start : start + TOKENIZE_CHUNK])
+        ids.extend(tokenizer(chunk, add_special_tokens=False, return_attention_mask=False)["input_ids"])
+    return ids
+
+
 def answer_ids(tokenizer: Any, targets: Sequence[str]) -> list[list[int]]:
-    """Token ids of each target as it follows a prompt: leading space, the target, EOS."""
-    ids = tokenizer([answer_text(t) for t in targets], add_special_tokens=False)["input_ids"]
-    return [seq + [tokenizer.eos_token_id] for seq in ids]
+    """Token ids of each target as it follows a prompt: leading space, the target, EOS. Each
+    distinct target is tokenized once (a label task has a handful)."""
+    texts = [answer_text(t) for t in targets]
+    distinct = list(dict.fromkeys(texts))
+    ids_of = dict(zip(distinct, token_ids(tokenizer, distinct)))
+    return [ids_of[text] + [tokenizer.eos_token_id] for text in texts]
 
 
 def encode_examples(tokenizer: Any, prompts: Sequence[str], targets: Sequence[str]) -> list[Encoded]:
     """Batched fast tokenization of (prompt, target) pairs into training examples."""
-    prompt_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    prompt_ids = token_ids(tokenizer, prompts)
     return [Encoded(p + t, len(p)) for p, t in zip(prompt_ids, answer_ids(tokenizer, targets))]
 
 
 def encode_prompts(tokenizer: Any, prompts: Sequence[str], max_len: int) -> list[list[int]]:
     """Validation prompts, cut from the left to ``max_len`` tokens (the end holds ``target:``)."""
-    ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-    return [p[-max_len:] for p in ids]
+    return [p[-max_len:] for p in token_ids(tokenizer, prompts)]
 
 
 def encode_for_training(
