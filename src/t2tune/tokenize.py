@@ -131,7 +131,7 @@ def generation_length(task: Task, tokenizer: Any, targets: Sequence[str], seq_le
     (the prompt is then cut from the left instead).
 
     >>> from types import SimpleNamespace as N
-    >>> tok = lambda texts, add_special_tokens: {"input_ids": [t.split() for t in texts]}
+    >>> tok = lambda texts, add_special_tokens, **options: {"input_ids": [t.split() for t in texts]}
     >>> tok.eos_token_id = 0
     >>> generation_length(N(labels=None), tok, ["a b c", "d"], seq_len=100, longest_prompt=20)  # 4 + 4
     8
