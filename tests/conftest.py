@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -114,6 +115,20 @@ def t2tune(*args, timeout=300, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "t2tune", *map(str, args)], capture_output=True, text=True, timeout=timeout, **kw
     )
+
+
+def in_process(capsys, *args) -> SimpleNamespace:
+    """``cli.main`` in this process, shaped like a finished subprocess (returncode, stdout,
+    stderr): for messages that need no process of their own (a subprocess costs seconds of
+    imports); one case of each class still runs through :func:`t2tune`."""
+    from t2tune.cli import main
+
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as exc:  # argparse's usage errors end the process
+        code = exc.code
+    out, err = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=out, stderr=err)
 
 
 def error_line(proc, *needles, only=True) -> str:
