@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from .config import wrong_types
-from .errors import UserError, short
+from .engines import is_sharded
+from .errors import UserError, say, short
 from .files import atomic_dir, parse_json
 from .runfolder import NF4_FILE, STEP_DIR, RunFolder, StepFolder
 from .training import TrainState
@@ -221,8 +222,6 @@ class Checkpointer:
     def full_weights(self) -> dict[str, Any] | None:
         """Under FSDP / DeepSpeed, the full weights gathered to the main process (a collective:
         every process calls it); None elsewhere, and where the model object holds them itself."""
-        from .engines import is_sharded
-
         if not is_sharded(self.accelerator):
             return None
         state = self.accelerator.get_state_dict(self.parts.loss_module)
@@ -234,8 +233,6 @@ class Checkpointer:
         """Write ``step-N/`` for ``state.optimizer_step``; rotation keeps the best step. Returns
         the gathered full weights on the main process of a sharded engine, None elsewhere, for
         the export to reuse."""
-        from .engines import is_sharded
-
         acc, step = self.accelerator, state.optimizer_step
         model_state = self.full_weights()
         engine = None
@@ -318,9 +315,6 @@ class Checkpointer:
         """Put the step to export (``export.from``) into the model: the best step's weights when
         it is not the last, and under ``train.ema`` that step's averages. Returns its validation
         summary, and the weights to export (gathered ones under sharded engines, else None)."""
-        from .engines import is_sharded
-        from .errors import say
-
         best, last, last_eval = state.best, state.optimizer_step, state.last_eval
         if self.cfg.export.from_ == "last" or not best or best.get("step") == last:
             if self.average is not None:

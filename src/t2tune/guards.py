@@ -36,10 +36,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .engines import is_sharded
 from .errors import ConfigError, UserError
-from .export import ShardReader
+from .export import MERGE_LOSS_HINT, ShardReader
 from .packing import PackedRow
 from .precision import compute_in, precision_context
+from .tokenize import encode_prompts
 
 PACKING_TOLERANCE = {"fp32": 1e-3, "bf16": 1e-1}  # nats per token
 GATE_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}  # of max |logit|
@@ -293,10 +295,6 @@ def export_gate(
     (every process, as sharded weights need), the reload's compared with them later. An
     unmerged adapter (``merge`` False): its written tensors against the trained ones. A merge
     that fails says how much of the LoRA update its rounding lost (``merge_loss``)."""
-    from .engines import is_sharded
-    from .export import MERGE_LOSS_HINT
-    from .tokenize import encode_prompts
-
     if hasattr(model, "peft_config") and not merge:
         if not processes.is_main_process:
             return None

@@ -44,7 +44,7 @@ from .averaging import WeightAverage
 from .checkpoint import Checkpointer
 from .config import DataConfig, EvalConfig, RunConfig, batch_size_problem, dump_config
 from .data import load_examples, with_hub_defaults
-from .engines import cpu_only, fill_deepspeed_config, from_main, process_state
+from .engines import cpu_only, fill_deepspeed_config, from_main, is_sharded, process_state
 from .errors import ConfigError, UserError, say
 from .evaluation import EvalResult, check_fits
 from .export import MergeLoss, export_run, exported_line
@@ -140,23 +140,23 @@ def prepare(
             "log.to: an accelerator passed in brings its own trackers (Accelerator(log_with=...)); leave log.to empty"
         )
     process = process_state()
-    if cfg.train.compile and _sharded_launch(process):
+    if cfg.train.compile and is_sharded(process):
         raise ConfigError(
             "train.compile: not under DeepSpeed or FSDP (their parameter hooks are untested with "
             "torch.compile here); launch without them, or set train.compile=false"
         )
-    if cfg.train.ema is not None and _sharded_launch(process):
+    if cfg.train.ema is not None and is_sharded(process):
         raise ConfigError(
             "train.ema: not under DeepSpeed or FSDP (each process holds a shard of the weights, and the "
             "average would have to follow the engine's partitioning); launch without them, or set "
             "train.ema=null"
         )
-    if cfg.train.method == "qlora" and (process.num_processes > 1 or _sharded_launch(process)):
+    if cfg.train.method == "qlora" and (process.num_processes > 1 or is_sharded(process)):
         raise ConfigError(
             "train.method=qlora runs in one process (4-bit weights are untested under DDP and are not "
             "sharded by DeepSpeed or FSDP); launch one process, or use train.method=lora"
         )
-    if model is None and not _sharded_launch(process):  # before anything is loaded: refuse what cannot fit
+    if model is None and not is_sharded(process):  # before anything is loaded: refuse what cannot fit
         config = model_config(cfg.model)
         if config is not None:
             need = check_memory(config, cfg)
@@ -251,12 +251,6 @@ def prepare(
         lock=lock,
         average=average,
     )
-
-
-def _sharded_launch(process: Any) -> bool:
-    from accelerate.utils import DistributedType
-
-    return process.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
 
 
 def _mix(cfg: RunConfig, members: list[Member], encoded: list[list]) -> dict[str, dict[str, Any]]:
