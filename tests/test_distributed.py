@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import MNLI_ROWS, SHARED_DATA, tiny_train_args
 
 pytestmark = pytest.mark.slow
@@ -91,6 +92,24 @@ def test_engine_checkpoints_resume_under_two_processes(tmp_path):
     for (s1, a), (s2, b) in zip(one, two):
         assert s1 == s2 and abs(a - b) < 1e-4, (one, two)
     assert (run / "hf" / "model.safetensors").is_file()
+
+
+def test_weight_average_under_two_processes_matches_one(tmp_path):
+    """train.ema under DDP: each process averages its own (identical) weights, with no
+    collective; the averaged export and its validation are one process's, also across a resume."""
+    from safetensors.torch import load_file
+
+    ema = ("train.ema=0.5", "export.from=last")
+    one_events = _run(tmp_path, tmp_path / "one", 1, 4, *ema)
+    _run(tmp_path, tmp_path / "two", 2, 2, *ema)
+    two_events = _run(tmp_path, tmp_path / "two", 2, 4, *ema)  # resumed under 2 processes
+    for (s1, a), (s2, b) in zip(_losses(one_events), _losses(two_events)):
+        assert s1 == s2 and abs(a - b) < 1e-4
+    assert _evals(two_events)[-1] == _evals(one_events)[-1]
+    one, two = (load_file(tmp_path / run / "hf" / "model.safetensors") for run in ("one", "two"))
+    assert one.keys() == two.keys()
+    for name in one:
+        torch.testing.assert_close(one[name], two[name], rtol=0, atol=1e-4, msg=name)
 
 
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
