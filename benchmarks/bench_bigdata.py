@@ -7,8 +7,8 @@ writes a file of each size into a temporary folder (the shared rows repeated in 
 into the tree), runs the demo config on it through the real CLI, and measures, from the
 command's start: the seconds until the run's ``start`` event (data read, tokenised, packed;
 model loaded; packing self-test and peak probe done) and until its first optimizer step, and
-the process's resident memory (VmRSS) at that first step. The process is then stopped. Run it
-alone on the machine: the seconds are wall-clock time.
+the process's memory at those moments: resident now (VmRSS) and its high-water mark (VmHWM).
+The process is then stopped. Run it alone on the machine: the seconds are wall-clock time.
 """
 
 from __future__ import annotations
@@ -38,9 +38,10 @@ def write_rows(folder: Path, rows: int) -> None:
     (folder / "validation.jsonl").write_text("".join(validation[:8]), encoding="utf-8")
 
 
-def _rss_gib(pid: int) -> float:
+def _memory_gib(pid: int, field: str) -> float:
+    """``VmRSS`` (resident now) or ``VmHWM`` (the resident high-water mark) of a process."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 2**20
     return float("nan")
 
@@ -76,7 +77,8 @@ def measure(rows: int, work: Path) -> dict:
                 if event["event"] in ("start", "train") and event["event"] not in seen:
                     seen[event["event"]] = {
                         "seconds": time.perf_counter() - start,
-                        "rss_gib": _rss_gib(proc.pid),
+                        "rss_gib": _memory_gib(proc.pid, "VmRSS"),
+                        "peak_gib": _memory_gib(proc.pid, "VmHWM"),
                         **({"rows": event["rows"]} if event["event"] == "start" else {}),
                     }
     finally:
@@ -91,6 +93,8 @@ def measure(rows: int, work: Path) -> dict:
         "to_start_s": round(seen["start"]["seconds"], 1),
         "to_first_step_s": round(seen["train"]["seconds"], 1),
         "rss_at_first_step_gib": round(seen["train"]["rss_gib"], 2),
+        "peak_at_start_gib": round(seen["start"]["peak_gib"], 2),
+        "peak_at_first_step_gib": round(seen["train"]["peak_gib"], 2),
     }
 
 
@@ -102,12 +106,15 @@ def main() -> None:
     out = claim_out(parser, args.out, "bench_bigdata")
     with tempfile.TemporaryDirectory() as tmp:
         results = [measure(int(n), Path(tmp)) for n in args.rows.split(",")]
-    print("| training rows | packed rows | to start event | to first step | RSS at first step |")
-    print("|---|---|---|---|---|")
+    print(
+        "| training rows | packed rows | to start event | to first step | RSS at first step "
+        "| peak RSS at start event | peak RSS at first step |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for r in results:
         print(
             f"| {r['rows']:,} | {r['packed_rows']:,} | {r['to_start_s']} s | {r['to_first_step_s']} s "
-            f"| {r['rss_at_first_step_gib']} GiB |"
+            f"| {r['rss_at_first_step_gib']} GiB | {r['peak_at_start_gib']} GiB | {r['peak_at_first_step_gib']} GiB |"
         )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(

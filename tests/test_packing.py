@@ -1,6 +1,10 @@
 import dataclasses
 
+import numpy as np
 import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from t2tune.errors import DataError
 from t2tune.packing import IGNORE_INDEX, collate, pack
@@ -13,7 +17,8 @@ B = Encoded([5, 6, 9], 2)  # prompt 5 6, target 9
 
 
 def rows_of(mode, seq_len, loss_on):
-    return [(r.tokens, r.positions, r.loss_mask) for r in pack([A, B], mode, seq_len, loss_on, pad_id=0)]
+    rows = pack([A, B], mode, seq_len, loss_on, pad_id=0)
+    return [(r.tokens.tolist(), r.positions.tolist(), r.loss_mask.tolist()) for r in rows]
 
 
 def test_concat_all_tokens():
@@ -45,7 +50,7 @@ def test_isolated_rows():
 
 def test_isolated_first_fit():
     rows = pack([A, Encoded([7] * 5, 4), B], "isolated", 7, "all", pad_id=0)
-    assert [r.tokens for r in rows] == [[1, 2, 3, 4, 9, 5, 6, 9], [7, 7, 7, 7, 7, 0, 0, 0]]
+    assert [r.tokens.tolist() for r in rows] == [[1, 2, 3, 4, 9, 5, 6, 9], [7, 7, 7, 7, 7, 0, 0, 0]]
 
 
 def test_none_mode_and_collate_pads_right():
@@ -98,7 +103,7 @@ def test_encode_matches_whole_text(tiny):
     row = {"premise": "The cat sat.", "hypothesis": "A cat.", "label": "neutral"}
     (example,) = encode_examples(tiny.tokenizer, [task.prompt_text(row)], [task.target_text(row)])
     whole = tiny.tokenizer(task.train_text(row, "<|endoftext|>"), add_special_tokens=False)["input_ids"]
-    assert example.ids == whole
+    assert example.ids.tolist() == whole
 
 
 def test_gptj_tokenizer_quirks(tiny):
@@ -107,3 +112,46 @@ def test_gptj_tokenizer_quirks(tiny):
     assert tok.pad_token == "<|extratoken_1|>" and tok.pad_token_id == 50257
     assert tok.eos_token_id == 50256 and tok.convert_ids_to_tokens(50399) == "<|extratoken_143|>"
     assert tok("hello world")["input_ids"] == [31373, 995]  # GPT-2 BPE
+
+
+examples_strategy = st.lists(
+    st.integers(2, 12).flatmap(
+        lambda n: st.tuples(st.lists(st.integers(1, 50_000), min_size=n, max_size=n), st.integers(1, n - 1))
+    ),
+    min_size=1,
+    max_size=12,
+)
+
+
+@settings(max_examples=80, deadline=None)
+@given(pairs=examples_strategy, loss_on=st.sampled_from(["all", "target"]))
+def test_isolated_rows_hold_each_example_once_and_batches_shift_labels(pairs, loss_on):
+    """Whatever the examples: every one stands whole in one row with positions 0..n-1, the loss
+    counts exactly its wanted tokens after the first, and collate's labels are the next token."""
+    examples = [Encoded(ids, n_prompt) for ids, n_prompt in pairs]
+    rows = pack(examples, "isolated", 15, loss_on, pad_id=0)
+    found = []
+    for row in rows:
+        assert len(row.tokens) == 16 and len(row.positions) == len(row.loss_mask) == 15
+        used = int((row.tokens != 0).sum())  # ids are >= 1, the padding 0
+        assert row.real == min(used, 15) and not row.tokens[used:].any()
+        starts = [t for t, p in enumerate(row.positions.tolist()) if p == 0 and t < used] + [used]
+        found += [row.tokens[a:b].tolist() for a, b in zip(starts, starts[1:])]
+    assert sorted(found) == sorted(ids for ids, _ in pairs)
+    wanted = sum(len(ids) - (1 if loss_on == "all" else n_prompt) for ids, n_prompt in pairs)
+    assert sum(int(row.loss_mask.sum()) for row in rows) == wanted
+    batch = collate(rows, pad_id=0)
+    kept = batch["labels"] != IGNORE_INDEX
+    assert kept.sum().item() == wanted
+    tokens = torch.stack([torch.from_numpy(row.tokens.astype("int64")) for row in rows])
+    assert torch.equal(batch["labels"][kept], tokens[:, 1:][kept])
+    assert torch.equal(batch["input_ids"], tokens[:, :-1])
+
+
+def test_concat_rows_are_read_only_views_of_one_stream():
+    """At MNLI's size the rows must not each copy the stream: they are views, and frozen."""
+    rows = pack([A, B, A, B], "concat", 3, "all", pad_id=0)
+    assert len(rows) == 4 and all(r.tokens.base is rows[0].tokens.base is not None for r in rows)
+    assert A.ids.dtype == np.int32 and rows[0].tokens.dtype == np.int32
+    with pytest.raises(ValueError):
+        rows[1].tokens[0] = 7

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -55,15 +56,16 @@ def segments(row: PackedRow) -> list[tuple[int, int]]:
     >>> segments(PackedRow([1, 2, 9, 3, 9, 0], [0, 1, 2, 0, 1], [False, True, False, True, False]))
     [(0, 3), (3, 5)]
     """
-    starts = [t for t, p in enumerate(row.positions) if p == 0] + [len(row.positions)]
-    return [(a, b) for a, b in zip(starts, starts[1:]) if any(row.loss_mask[a:b])]
+    starts = [*np.flatnonzero(row.positions == 0).tolist(), len(row.positions)]
+    return [(a, b) for a, b in zip(starts, starts[1:]) if row.loss_mask[a:b].any()]
 
 
-def _token_losses(model: Any, tokens: list[int], positions: list[int]) -> torch.Tensor:
+def _token_losses(model: Any, tokens: Sequence[int], positions: Sequence[int]) -> torch.Tensor:
     device = next(model.parameters()).device
-    ids = torch.tensor([tokens[:-1]], device=device)
-    logits = model(input_ids=ids, position_ids=torch.tensor([positions], device=device), use_cache=False).logits
-    return F.cross_entropy(logits[0].float(), torch.tensor(tokens[1:], device=device), reduction="none").cpu()
+    tokens = torch.as_tensor(np.asarray(tokens), dtype=torch.long, device=device)
+    positions = torch.as_tensor(np.asarray(positions), dtype=torch.long, device=device)
+    logits = model(input_ids=tokens[None, :-1], position_ids=positions[None], use_cache=False).logits
+    return F.cross_entropy(logits[0].float(), tokens[1:], reduction="none").cpu()
 
 
 @torch.no_grad()
