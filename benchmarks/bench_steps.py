@@ -25,7 +25,8 @@ from common import ROOT
 
 DATA = ROOT.parent / "shared" / "data" / "mnli"
 CONFIG = ROOT / "configs" / "mnli-smollm2-cpu.yaml"
-# arm → its overrides of the demo config; the global batch arm sees the same examples in half the steps
+# arm → its overrides of the demo config; the global batch arm sees the same examples in half the
+# steps, in one micro batch of 16 (what bench_train's "t2tune batch 16" times per token)
 ARMS: dict[str, list[str]] = {
     "base": [],
     "lr3e-4": ["train.lr=3e-4"],
@@ -33,7 +34,8 @@ ARMS: dict[str, list[str]] = {
     "warmup2%": ["train.warmup_fraction=0.02"],
     "ema": ["train.ema=0.99"],
     "lr3e-4+ema": ["train.lr=3e-4", "train.ema=0.99"],
-    "batch16": ["train.global_batch_size=16", "half_steps"],
+    "batch16": ["train.global_batch_size=16", "train.micro_batch_size=16", "half_steps"],
+    "compile": ["train.compile=true"],  # the same steps, compiled: does the accuracy hold?
 }
 
 

@@ -12,7 +12,8 @@ batches in their own shuffled orders, so losses are compared as the mean over al
 training FLOP/s (6 × parameters × tokens/s) against this CPU's measured bf16 matmul peak.
 Two more rows per objective make the comparison honest: the Trainer with t2tune's allocator
 setting (``t2tune.runtime``), so that lever's share is visible, and t2tune at micro batch 4 with
-2 accumulation steps (the demo's setting: same rows per step, lower peak RSS).
+2 accumulation steps (same rows per step, lower peak RSS), and t2tune at global batch 16 in one
+micro batch (twice the rows per step: is a larger batch faster per token here?).
 
 TRL is the second peer (``pip install trl``, a benchmark dependency only): ``SFTTrainer`` on
 prompt/completion pairs (loss on the completion for the target objective), ``packing=True``
@@ -44,7 +45,7 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def worker_t2tune(objective: str, steps: int, micro: int = MICRO) -> dict:
+def worker_t2tune(objective: str, steps: int, micro: int = MICRO, batch: int = MICRO) -> dict:
     sys.path.insert(0, str(ROOT / "src"))
     from t2tune import recipe
     from t2tune.config import build_config
@@ -62,7 +63,7 @@ def worker_t2tune(objective: str, steps: int, micro: int = MICRO) -> dict:
             "train.steps": steps,
             "train.seq_len": SEQ_LEN,
             "train.micro_batch_size": micro,
-            "train.global_batch_size": MICRO,
+            "train.global_batch_size": batch,
             "train.lr": LR,
             "train.precision": "bf16",
             "train.loss_on": objective,
@@ -253,6 +254,7 @@ RUNNERS = {
     "HF Trainer + malloc": lambda objective, steps: worker_hf(objective, steps, malloc=True),
     "t2tune": worker_t2tune,
     "t2tune micro 4 x 2": lambda objective, steps: worker_t2tune(objective, steps, micro=4),
+    "t2tune batch 16": lambda objective, steps: worker_t2tune(objective, steps, micro=16, batch=16),
     "TRL SFT bfd": worker_trl,
     "TRL SFT wrapped": lambda objective, steps: worker_trl(objective, steps, strategy="wrapped"),
 }

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import (
     MNLI_ROWS,
+    SHARED_DATA,
     TINY,
     copy_run,
     error_line,
@@ -402,3 +403,20 @@ def test_duplicate_yaml_keys_and_home_expansion(tmp_path):
     from t2tune.config import load_config
 
     assert load_config(None, ["out_dir=~/runs/x"]).out_dir == str(Path.home() / "runs" / "x")
+
+
+def test_compile_without_a_cpp_compiler_is_refused_before_loading(tmp_path, capsys, monkeypatch):
+    """train.compile on the CPU needs inductor's C++ compiler; without one, one line before the
+    model loads instead of an inductor traceback at the first step."""
+    from torch._inductor import config as inductor
+
+    monkeypatch.setattr(inductor.cpp, "cxx", (None, str(tmp_path / "no-such-g++")))
+    monkeypatch.delenv("TORCH_INDUCTOR_INSTALL_GXX", raising=False)
+    config = tmp_path / "c.yaml"
+    config.write_text("task: mnli\nmodel:\n  name: tiny-gptj\n")
+    out = tmp_path / "o"
+    proc = in_process(
+        capsys, "train", config, f"data.train={SHARED_DATA / 'mnli'}", f"out_dir={out}", "train.compile=true"
+    )
+    error_line(proc, "train.compile: torch.compile on the CPU builds C++ kernels", "train.compile=false")
+    assert not out.exists()  # refused before the run folder was made

@@ -13,10 +13,29 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .errors import ConfigError
 from .linear_ce import linear_cross_entropy
 from .models import decoder_and_head
 from .packing import IGNORE_INDEX
 from .precision import layer_compute_dtype
+
+
+def check_compiler(device: torch.device) -> None:
+    """``train.compile`` on the CPU: inductor builds its kernels with a C++ compiler (``CXX``, else
+    ``g++``). Without one, the first step would fail deep inside torch; refuse before loading."""
+    if device.type != "cpu":
+        return
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except ImportError:  # another torch's layout: its own error comes at the first step
+        return
+    try:
+        get_cpp_compiler()
+    except Exception as exc:  # torch raises its own InvalidCxxCompiler
+        raise ConfigError(
+            "train.compile: torch.compile on the CPU builds C++ kernels, and no C++ compiler was found "
+            f"({type(exc).__name__}); install g++ (or point CXX at one), or set train.compile=false"
+        ) from None
 
 
 class LossModule(torch.nn.Module):

@@ -50,7 +50,7 @@ from .evaluation import EvalResult, check_fits
 from .export import MergeLoss, export_run, exported_line
 from .files import atomic_file
 from .guards import GateReport, check_packing, export_gate
-from .loss import LossModule
+from .loss import LossModule, check_compiler
 from .memory import GIB, RSS, check_memory, staged
 from .mixture import EpochRows, epoch_counts, epoch_size, mixing_rates
 from .models import DTYPES, check_model_name, check_qlora_available, load_model, model_config, prepare_for_training
@@ -145,6 +145,8 @@ def prepare(
             "train.compile: not under DeepSpeed or FSDP (their parameter hooks are untested with "
             "torch.compile here); launch without them, or set train.compile=false"
         )
+    if cfg.train.compile:
+        check_compiler(process.device)
     if cfg.train.ema is not None and is_sharded(process):
         raise ConfigError(
             "train.ema: not under DeepSpeed or FSDP (each process holds a shard of the weights, and the "
