@@ -235,6 +235,19 @@ def _freed_block_returned() -> int:
     return held - _anon_rss()
 
 
+def test_trimming_hands_kept_memory_back_and_keeps_the_setting():
+    """The loop's periodic trim: freed memory that the kept-heap setting holds goes back to the
+    system, and freed memory is kept again afterwards (the setting stays in force)."""
+    if not runtime.keep_freed_memory():
+        pytest.skip("glibc's mallopt is not available here")
+    block = torch.ones(2**28)
+    del block
+    kept = _anon_rss()
+    assert runtime.trim_freed_memory()
+    assert kept - _anon_rss() > 2**29
+    assert _freed_block_returned() < 2**24
+
+
 def test_a_run_that_needs_most_of_memory_gives_freed_memory_back(tmp_path, mnli_dir, monkeypatch, capsys):
     if not runtime.keep_freed_memory():
         pytest.skip("glibc's mallopt is not available here")

@@ -66,3 +66,15 @@ def return_freed_memory() -> bool:
     libc.malloc_trim(0)
     _applied = False
     return True
+
+
+def trim_freed_memory() -> bool:
+    """With :func:`keep_freed_memory` in force, hand the freed pages glibc holds back to the
+    kernel once (``malloc_trim``), leaving the setting on. A long run calls it now and then: the
+    heap's free holes otherwise stay resident and the RSS creeps up step after step. True when
+    the setting was in force (else there is nothing kept to trim)."""
+    libc = _libc() if _applied else None
+    if libc is None:
+        return False
+    libc.malloc_trim(0)
+    return True
