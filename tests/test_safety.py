@@ -410,13 +410,14 @@ def test_compile_without_a_cpp_compiler_is_refused_before_loading(tmp_path, caps
     model loads instead of an inductor traceback at the first step."""
     from torch._inductor import config as inductor
 
-    monkeypatch.setattr(inductor.cpp, "cxx", (None, str(tmp_path / "no-such-g++")))
     monkeypatch.delenv("TORCH_INDUCTOR_INSTALL_GXX", raising=False)
     config = tmp_path / "c.yaml"
     config.write_text("task: mnli\nmodel:\n  name: tiny-gptj\n")
     out = tmp_path / "o"
-    proc = in_process(
-        capsys, "train", config, f"data.train={SHARED_DATA / 'mnli'}", f"out_dir={out}", "train.compile=true"
-    )
+    # torch's own patch: monkeypatch's undo would delete the key from torch's config module
+    with inductor.patch({"cpp.cxx": (None, str(tmp_path / "no-such-g++"))}):
+        proc = in_process(
+            capsys, "train", config, f"data.train={SHARED_DATA / 'mnli'}", f"out_dir={out}", "train.compile=true"
+        )
     error_line(proc, "train.compile: torch.compile on the CPU builds C++ kernels", "train.compile=false")
     assert not out.exists()  # refused before the run folder was made

@@ -27,14 +27,15 @@ def check_compiler(device: torch.device) -> None:
         return
     try:
         from torch._inductor.cpp_builder import get_cpp_compiler
+        from torch._inductor.exc import InvalidCxxCompiler
     except ImportError:  # another torch's layout: its own error comes at the first step
         return
     try:
         get_cpp_compiler()
-    except Exception as exc:  # torch raises its own InvalidCxxCompiler
+    except InvalidCxxCompiler:
         raise ConfigError(
             "train.compile: torch.compile on the CPU builds C++ kernels, and no C++ compiler was found "
-            f"({type(exc).__name__}); install g++ (or point CXX at one), or set train.compile=false"
+            "(inductor looks for $CXX, else g++); install g++ (or point CXX at one), or set train.compile=false"
         ) from None
 
 
