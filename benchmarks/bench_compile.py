@@ -28,11 +28,10 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, claim_out
+from common import ROOT, claim_out, scratch_dir
 
 DATA = ROOT.parent / "shared" / "data" / "mnli"
 WARM = 2
@@ -68,7 +67,7 @@ def worker(setting: str, compiled: bool, steps: int) -> dict:
     from t2tune.runtime import keep_freed_memory
 
     keep_freed_memory()  # what the t2tune CLI applies
-    out = Path(tempfile.mkdtemp())
+    out = scratch_dir("bench-compile-")
     cfg = build_config(
         {
             "task": "mnli",
@@ -135,7 +134,7 @@ def main() -> None:
     for setting in args.settings.split(","):
         arms = {}
         for compiled in (False, True):
-            env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(prefix="inductor-"))
+            env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(scratch_dir("inductor-")))
             command = [sys.executable, __file__, "--worker", setting, "--steps", str(args.steps)]
             started = time.perf_counter()
             proc = subprocess.run(

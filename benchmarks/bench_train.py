@@ -31,11 +31,10 @@ import platform
 import resource
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, claim_out
+from common import ROOT, claim_out, scratch_dir
 
 DATA = ROOT.parent / "shared" / "data" / "mnli"
 SEQ_LEN, MICRO, LR, WARM = 256, 8, 2e-4, 2
@@ -52,7 +51,7 @@ def worker_t2tune(objective: str, steps: int, micro: int = MICRO, batch: int = M
     from t2tune.runtime import keep_freed_memory
 
     keep_freed_memory()  # what the t2tune CLI applies
-    out = Path(tempfile.mkdtemp())
+    out = scratch_dir("bench-train-")
     # the whole recipe, as `t2tune train` runs it; no validation rows. Tokens/s comes from the
     # loop's own clock (train_seconds counts optimizer steps only, not the final checkpoint/export)
     cfg = build_config(
@@ -95,7 +94,7 @@ def worker_t2tune(objective: str, steps: int, micro: int = MICRO, batch: int = M
 def _hf_settings(steps: int) -> dict:
     """What the Trainer and TRL arms share with t2tune's: batch, steps, lr, bf16 on the CPU."""
     return dict(
-        output_dir=tempfile.mkdtemp(),
+        output_dir=str(scratch_dir("bench-train-hf-")),
         per_device_train_batch_size=MICRO,
         max_steps=steps,
         learning_rate=LR,

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import atexit
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,3 +24,11 @@ def claim_out(parser: argparse.ArgumentParser, out: str, benchmark: str) -> Path
     except UserError as exc:
         parser.error(str(exc))
     return Path(out)
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A temporary folder for one benchmark process's run (checkpoints, exports: GBs each),
+    removed when the process exits, so that repeated benchmarks do not fill the disk."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
