@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -29,6 +30,22 @@ MNLI_ROWS = [
     {"premise": "The chef is cooking pasta.", "hypothesis": "Someone is preparing food.", "label": "entailment"},
     {"premise": "A cat sleeps on the sofa.", "hypothesis": "The cat is chasing a mouse.", "label": "contradiction"},
 ]
+
+
+# what the suite's largest test writes at once (the SmolLM2 run: two checkpoints with optimizer
+# state and an export); a passed test's folder is removed as it ends (pyproject's retention)
+DISK_NEEDED_GIB = 5
+
+
+def pytest_sessionstart(session):
+    """A disk too full for the suite says so first (``-q`` too), before a hundred ``No space
+    left on device`` errors."""
+    free = shutil.disk_usage(tempfile.gettempdir()).free / 2**30
+    if free < DISK_NEEDED_GIB:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        reporter.write_line(
+            f"WARNING: {tempfile.gettempdir()} has {free:.1f} GiB free; the suite needs ~{DISK_NEEDED_GIB} GiB"
+        )
 
 
 @pytest.fixture(autouse=True)
