@@ -138,3 +138,61 @@ def test_ema_out_of_range_is_one_config_error(value):
 
     with pytest.raises(ConfigError, match=r"train\.ema: must be in \[0, 1\)"):
         load_config(None, [f"train.ema={value}"])
+
+
+def _spy_on_evaluate(monkeypatch) -> list[dict[str, torch.Tensor]]:
+    """The weights each ``t2tune evaluate`` call measures."""
+    from t2tune import evaluation
+
+    seen, real = [], evaluation.evaluate
+
+    def spy(model, *args, **kwargs):
+        seen.append({k: v.detach().clone() for k, v in model.named_parameters()})
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "evaluate", spy)
+    return seen
+
+
+def test_a_checkpoint_is_exported_and_evaluated_as_its_run_validated_it(tmp_path, mnli_dir, monkeypatch, capsys):
+    """A checkpoint's model/ holds the raw weights; `t2tune export` and `t2tune evaluate` of the
+    step use its averages, as the run's own validation and export do (they used the raw weights,
+    under a model card showing the average's validation)."""
+    from t2tune.cli import main
+
+    _train(tiny_config(tmp_path / "run", mnli_dir, **{"train.ema": DECAY, "eval.every": 1}), mnli_dir)
+    step = RunFolder(tmp_path / "run").step(2)  # not the last step: no run export holds it
+    averages = read_average(step)
+    raw = _weights(step.model)
+    assert max((averages[k] - raw[k].float()).abs().max().item() for k in averages) > 1e-4
+
+    assert main(["export", str(step.path), "--out", str(tmp_path / "x")]) == 0
+    exported = _weights(tmp_path / "x")
+    for name, value in averages.items():
+        assert torch.equal(exported[name], value.to(exported[name].dtype)), name
+    assert "moving average (train.ema)" in (tmp_path / "x" / "README.md").read_text()
+
+    seen = _spy_on_evaluate(monkeypatch)
+    capsys.readouterr()
+    args = ["--task", "mnli", "--data", str(mnli_dir), "--limit", "2"]
+    assert main(["evaluate", str(step.path), *args]) == 0
+    assert "evaluating the step's moving average" in capsys.readouterr().err
+    assert main(["evaluate", str(step.model), *args]) == 0  # the HF folder inside: its own weights
+    assert "moving average" not in capsys.readouterr().err
+    for name, value in averages.items():
+        assert torch.equal(seen[0][name], value.to(seen[0][name].dtype)), name
+        assert torch.equal(seen[1][name], raw[name]), name
+
+
+def test_a_lora_checkpoint_exports_its_averaged_adapter(tmp_path, mnli_dir):
+    from t2tune.cli import main
+
+    same = {"train.method": "lora", "lora.r": 4, "train.ema": DECAY}
+    _train(tiny_config(tmp_path / "run", mnli_dir, **same), mnli_dir)
+    step = RunFolder(tmp_path / "run").step(2)
+    assert main(["export", str(step.path), "--out", str(tmp_path / "x"), "--adapter-only"]) == 0
+    adapter, averages = _weights(tmp_path / "x"), read_average(step)
+    assert averages and len(adapter) == len(averages)
+    for name, value in averages.items():
+        key = name.replace(".default", "")
+        assert torch.equal(adapter[key], value.to(adapter[key].dtype)), name

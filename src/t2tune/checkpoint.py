@@ -165,6 +165,25 @@ def read_average(step: StepFolder) -> Any:
         raise UserError(f"{step.optimizer}: corrupt checkpoint ({str(exc)[:200]})") from None
 
 
+def use_saved_average(model: torch.nn.Module, step: StepFolder) -> bool:
+    """Put a checkpoint's weight averages (``train.ema``) into ``model``, loaded from
+    ``step.model`` (which holds the raw weights), so that the step is the model its run validated
+    and would export. False, and the model untouched, when the step has none."""
+    average = read_average(step) if step.optimizer.is_file() else None
+    if average is None:
+        return False
+    params = dict(model.named_parameters())
+    if not isinstance(average, dict) or any(
+        name not in params or not isinstance(value, torch.Tensor) or value.shape != params[name].shape
+        for name, value in average.items()
+    ):
+        raise UserError(f"{step.optimizer}: the weight averages (train.ema) do not match the weights in {step.model}")
+    with torch.no_grad():
+        for name, value in average.items():
+            params[name].copy_(value)
+    return True
+
+
 _COUNTS = ("optimizer_step", "epoch", "row_in_epoch", "tokens_seen", "stale")
 _AMOUNTS = ("train_seconds", "eval_seconds", "wall_seconds", "model_flops")
 

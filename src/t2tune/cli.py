@@ -143,11 +143,13 @@ def _print_table(summary: dict[str, Any], metrics: dict[str, Any]) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace, predict: bool = False) -> int:
+    from .checkpoint import use_saved_average
     from .config import ModelConfig
     from .data import load_examples, with_hub_defaults
     from .engines import process_state
     from .evaluation import evaluate
     from .models import load_model
+    from .runfolder import StepFolder
     from .tasks import get_task
 
     config = _eval_config(args)  # checked before anything slow
@@ -163,6 +165,9 @@ def cmd_evaluate(args: argparse.Namespace, predict: bool = False) -> int:
             trust_remote_code=args.trust_remote_code,
         )
     )
+    step = StepFolder(Path(args.model).expanduser())
+    if step.state.is_file() and use_saved_average(loaded.model, step):  # as the run validated that step
+        say(f"{step.path}: evaluating the step's moving average of the weights (train.ema); model/ holds the raw ones")
     source = args.input if predict else args.data
     split, hub_config = with_hub_defaults(task, source, args.split, args.hub_config)
     rows = load_examples(task, source, split, hub_config, limit=args.limit, need_target=not predict)
@@ -198,7 +203,7 @@ def _report(args: argparse.Namespace, task: Any, result: Any, predict: bool) -> 
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .checkpoint import read_checkpoint
+    from .checkpoint import read_checkpoint, use_saved_average
     from .config import ModelConfig, load_config
     from .export import MERGE_LOSS_HINT, MergeLoss, export, export_run
     from .models import load_model
@@ -216,6 +221,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     # read_checkpoint checks state.json's shape and ranges, as a resume does
     state = TrainState.from_dict(read_checkpoint(src)[0]) if cfg is not None and src.state.is_file() else None
     loaded = load_model(model)
+    # model/ holds the raw weights; under train.ema the run validates and exports their average
+    averaged = state is not None and use_saved_average(loaded.model, src)
     out = Path(args.out).expanduser()
     loss = MergeLoss()
     merge = not args.adapter_only
@@ -233,7 +240,8 @@ def cmd_export(args: argparse.Namespace) -> int:
             [m.task for m in members_of(cfg, cfg.eval)],
             state,
             shown,
-            f"Exported weights: step {step}, from the checkpoint {src.path.name} (`t2tune export`).",
+            f"Exported weights: step {step}{', the moving average (train.ema)' if averaged else ''}, "
+            f"from the checkpoint {src.path.name} (`t2tune export`).",
             merge=merge,
             loss=loss,
             what="--out",
