@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import sys
 
@@ -27,6 +28,7 @@ _GLIBC_DEFAULT = 128 * 1024  # both thresholds' starting values in glibc
 _applied = False
 
 
+@functools.cache  # looked up once: find_library runs ldconfig, and the loop trims every 50 steps
 def _libc() -> ctypes.CDLL | None:
     if not sys.platform.startswith("linux"):
         return None
