@@ -146,7 +146,7 @@ def test_smollm2_end_to_end_on_shared_mnli(tmp_path, capsys):
     tok = AutoTokenizer.from_pretrained(out / "hf")
     assert tok.eos_token == "<|im_end|>" and not hasattr(model.config, "quantization_config")
     ids = torch.tensor([[1, 2, 3, 4]])
-    from t2tune.checkpoint import load_weights, use_saved_average
+    from t2tune.checkpoint import load_weights, read_average, use_average
     from t2tune.config import ModelConfig
     from t2tune.models import load_model
     from t2tune.runfolder import StepFolder
@@ -154,7 +154,7 @@ def test_smollm2_end_to_end_on_shared_mnli(tmp_path, capsys):
     fresh = load_model(ModelConfig(name="smollm2-135m"))
     step = StepFolder(out / "checkpoints" / "step-2")
     load_weights(fresh.model, step.model)
-    assert use_saved_average(fresh.model, step)  # the demo recipe exports train.ema's average
+    assert use_average(fresh.model, read_average(step), step)  # the demo recipe exports train.ema's average
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, fresh.model(ids).logits, atol=1e-5)
     code, stdout, err = run_cli(

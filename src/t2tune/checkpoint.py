@@ -165,11 +165,11 @@ def read_average(step: StepFolder) -> Any:
         raise UserError(f"{step.optimizer}: corrupt checkpoint ({str(exc)[:200]})") from None
 
 
-def use_saved_average(model: torch.nn.Module, step: StepFolder) -> bool:
-    """Put a checkpoint's weight averages (``train.ema``) into ``model``, loaded from
-    ``step.model`` (which holds the raw weights), so that the step is the model its run validated
-    and would export. False, and the model untouched, when the step has none."""
-    average = read_average(step) if step.optimizer.is_file() else None
+def use_average(model: torch.nn.Module, average: Any, step: StepFolder) -> bool:
+    """Put ``average``, the weight averages (``train.ema``) read from checkpoint ``step``, into
+    ``model`` loaded from ``step.model`` (which holds the raw weights), so that the step is the
+    model its run validated and would export. False, and the model untouched, when ``average``
+    is None (the run had no train.ema)."""
     if average is None:
         return False
     params = dict(model.named_parameters())

@@ -143,7 +143,7 @@ def _print_table(summary: dict[str, Any], metrics: dict[str, Any]) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace, predict: bool = False) -> int:
-    from .checkpoint import use_saved_average
+    from .checkpoint import read_average, use_average
     from .config import ModelConfig
     from .data import load_examples, with_hub_defaults
     from .engines import process_state
@@ -166,7 +166,9 @@ def cmd_evaluate(args: argparse.Namespace, predict: bool = False) -> int:
         )
     )
     step = StepFolder(Path(args.model).expanduser())
-    if step.state.is_file() and use_saved_average(loaded.model, step):  # as the run validated that step
+    saved = step.state.is_file() and step.optimizer.is_file()
+    averaged = saved and use_average(loaded.model, read_average(step), step)  # as the run validated that step
+    if averaged and processes.is_main_process:
         say(f"{step.path}: evaluating the step's moving average of the weights (train.ema); model/ holds the raw ones")
     source = args.input if predict else args.data
     split, hub_config = with_hub_defaults(task, source, args.split, args.hub_config)
@@ -203,7 +205,7 @@ def _report(args: argparse.Namespace, task: Any, result: Any, predict: bool) -> 
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .checkpoint import read_checkpoint, use_saved_average
+    from .checkpoint import read_checkpoint, use_average
     from .config import ModelConfig, load_config
     from .export import MERGE_LOSS_HINT, MergeLoss, export, export_run
     from .models import load_model
@@ -218,11 +220,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     cfg = load_config(run.config) if run is not None and run.config.is_file() else None
     # the run's weights dtype: a bf16 run of GPT-J 6B must not be loaded back in fp32 (24 GB)
     model = ModelConfig(name=str(src.path)) if cfg is None else dataclasses.replace(cfg.model, name=str(src.path))
-    # read_checkpoint checks state.json's shape and ranges, as a resume does
-    state = TrainState.from_dict(read_checkpoint(src)[0]) if cfg is not None and src.state.is_file() else None
+    state = average = None
+    if cfg is not None and src.state.is_file():
+        saved, opt, _ = read_checkpoint(src)  # checks state.json's shape and ranges, as a resume does
+        state, average = TrainState.from_dict(saved), opt.get("ema")
+        del opt  # the optimizer's moments are not exported
     loaded = load_model(model)
     # model/ holds the raw weights; under train.ema the run validates and exports their average
-    averaged = state is not None and use_saved_average(loaded.model, src)
+    averaged = use_average(loaded.model, average, src)
     out = Path(args.out).expanduser()
     loss = MergeLoss()
     merge = not args.adapter_only
